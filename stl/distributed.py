@@ -74,7 +74,11 @@ def cleanup_distributed() -> None:
 
 
 def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    """This process's rank; before the process group exists, torchrun's ``RANK`` (so rank 0 alone checks
+    the tracking server or prints, even before :func:`init_distributed`)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return _env_int("RANK", 0)
 
 
 def get_world_size() -> int:

@@ -1,0 +1,477 @@
+"""Shared building blocks of the FAN models (FAN-ViT, FAN-Hybrid and FAN-Swin).
+
+Parameter names mirror the published checkpoints (see STL_METHOD.md section 2), so that a model assembled
+from these blocks loads them with ``strict=True``. The computations are written for speed: attention goes
+through ``scaled_dot_product_attention``, the channel attention is a [d x 1] gate per head, token grids are
+viewed as channels-last images instead of being copied, and the Fourier positional features are cached.
+
+Token tensors are ``[B, N, C]`` with ``N = H * W`` in row-major order; modules that need the grid take
+``H, W`` explicitly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, trunc_normal_
+from torch import nn
+
+__all__ = [
+    "ChannelProcessing",
+    "ClassAttention",
+    "ClassAttentionBlock",
+    "ConvPatchEmbed",
+    "DWConv",
+    "FANBlock",
+    "FANBlockSE",
+    "FanMlp",
+    "OverlapPatchEmbed",
+    "PositionalEncodingFourier",
+    "SEMlp",
+    "SqueezeExcite",
+    "TokenMixing",
+    "init_fan_weights",
+]
+
+_FOURIER_CACHE_SIZE = 8
+
+
+def init_fan_weights(module: nn.Module) -> None:
+    """Reference init for Linear (trunc-normal .02, zero bias) and LayerNorm (1, 0); use with ``apply``."""
+    if isinstance(module, nn.Linear):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _init_conv_fan_out(module: nn.Module) -> None:
+    """He-style normal(0, sqrt(2 / fan_out)) init the reference uses for convs inside the FAN blocks."""
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels // module.groups
+        nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def _tokens_to_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """[B, N, C] tokens -> [B, C, H, W] as a channels-last *view* (no copy when x is contiguous)."""
+    B, N, C = x.shape
+    if N != H * W:
+        raise ValueError(f"token count {N} does not match the grid {H}x{W}")
+    return x.reshape(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, H*W, C]; a view when x is channels-last, one copy otherwise."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+class PositionalEncodingFourier(nn.Module):
+    """Fourier positional encoding (XCiT style) projected to the embedding dim by a 1x1 conv.
+
+    The 64 sin/cos features depend only on (H, W), so they are computed once per (H, W, device, dtype) and
+    cached on the module (not in the state_dict); only the projection runs per call. Returns ``[1, H*W, C]``
+    to be broadcast-added to the tokens.
+    """
+
+    def __init__(self, hidden_dim: int = 32, dim: int = 768, temperature: float = 10000.0):
+        super().__init__()
+        self.token_projection = nn.Conv2d(hidden_dim * 2, dim, kernel_size=1)
+        self.scale = 2 * math.pi
+        self.temperature = temperature
+        self.hidden_dim = hidden_dim
+        self.dim = dim
+        self.eps = 1e-6
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _features(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (H, W, device, dtype)
+        feats = self._cache.get(key)
+        if feats is not None:
+            return feats
+        # built outside inference mode / autograd so a cached tensor is usable in any later mode
+        with torch.inference_mode(False), torch.no_grad():
+            f32 = torch.float32
+            y = torch.arange(1, H + 1, dtype=f32, device=device)
+            x = torch.arange(1, W + 1, dtype=f32, device=device)
+            y = y / (y[-1:] + self.eps) * self.scale
+            x = x / (x[-1:] + self.eps) * self.scale
+            dim_t = torch.arange(self.hidden_dim, dtype=f32, device=device)
+            dim_t = self.temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / self.hidden_dim)
+            pos_y = y[:, None] / dim_t  # [H, hidden]
+            pos_x = x[:, None] / dim_t  # [W, hidden]
+            # sin on even, cos on odd channels, interleaved: [sin(a0), cos(a0), sin(a1), cos(a1), ...]
+            pos_y = torch.stack([pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()], dim=2).flatten(1)
+            pos_x = torch.stack([pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()], dim=2).flatten(1)
+            feats = torch.cat(
+                [pos_y[:, None, :].expand(H, W, -1), pos_x[None, :, :].expand(H, W, -1)], dim=2
+            ).reshape(H * W, 2 * self.hidden_dim)
+            feats = feats.to(dtype)
+        if len(self._cache) >= _FOURIER_CACHE_SIZE:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = feats
+        return feats
+
+    def forward(self, H: int, W: int) -> torch.Tensor:
+        weight = self.token_projection.weight
+        feats = self._features(H, W, weight.device, weight.dtype)
+        pos = F.linear(feats, weight.flatten(1), self.token_projection.bias)
+        return pos.unsqueeze(0)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_cache"] = {}  # copies (EMA, pickling) start with an empty cache
+        return state
+
+
+def _conv3x3_bn(in_chs: int, out_chs: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_chs, out_chs, kernel_size=3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_chs),
+    )
+
+
+class ConvPatchEmbed(nn.Module):
+    """Stride-16 conv stem of FAN-ViT: four 3x3/s2 conv+BN layers (C/8, C/4, C/2, C), GELU between."""
+
+    def __init__(self, embed_dim: int = 768, in_chans: int = 3, act_layer: type[nn.Module] = nn.GELU):
+        super().__init__()
+        self.patch_size = 16
+        self.proj = nn.Sequential(
+            _conv3x3_bn(in_chans, embed_dim // 8, 2),
+            act_layer(),
+            _conv3x3_bn(embed_dim // 8, embed_dim // 4, 2),
+            act_layer(),
+            _conv3x3_bn(embed_dim // 4, embed_dim // 2, 2),
+            act_layer(),
+            _conv3x3_bn(embed_dim // 2, embed_dim, 2),
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        x = self.proj(x)
+        H, W = x.shape[-2:]
+        return x.flatten(2).transpose(1, 2), (H, W)
+
+
+class DWConv(nn.Module):
+    """Depthwise 3x3 conv -> GELU -> BatchNorm -> depthwise 3x3 conv over the token grid."""
+
+    def __init__(self, dim: int, kernel_size: int = 3, act_layer: type[nn.Module] = nn.GELU):
+        super().__init__()
+        padding = kernel_size // 2
+        self.conv1 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+        self.act = act_layer()
+        self.bn = nn.BatchNorm2d(dim)
+        self.conv2 = nn.Conv2d(dim, dim, kernel_size, padding=padding, groups=dim)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = _tokens_to_image(x, H, W)
+        x = self.conv2(self.bn(self.act(self.conv1(x))))
+        return _image_to_tokens(x)
+
+
+class FanMlp(nn.Module):
+    """The FAN MLP: fc1 -> (x + gamma * DWConv(x)) -> fc2. No activation outside the DWConv (as published).
+
+    ``dwconv_residual=False`` drops the ``+ x`` (the FAN-Swin variant of the reference does this).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int | None = None,
+        out_features: int | None = None,
+        drop: float = 0.0,
+        dwconv_residual: bool = True,
+    ):
+        super().__init__()
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.dwconv = DWConv(hidden_features)
+        self.gamma = nn.Parameter(torch.ones(hidden_features))
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop = nn.Dropout(drop)
+        self.dwconv_residual = dwconv_residual
+        self.apply(init_fan_weights)
+        self.apply(_init_conv_fan_out)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x = self.fc1(x)
+        y = self.drop(self.gamma * self.dwconv(x, H, W))
+        x = y + x if self.dwconv_residual else y
+        return self.drop(self.fc2(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excite over the token grid (global mean -> reduce -> ReLU -> expand -> sigmoid gate).
+
+    The 1x1 convs keep the published parameter names; on a pooled [B, C] vector they are plain matmuls.
+    """
+
+    def __init__(self, dim: int, se_ratio: float = 0.25):
+        super().__init__()
+        reduced = max(1, int(dim * se_ratio + 0.5))
+        self.conv_reduce = nn.Conv2d(dim, reduced, 1, bias=True)
+        self.conv_expand = nn.Conv2d(reduced, dim, 1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean(dim=1)
+        s = F.relu(F.linear(s, self.conv_reduce.weight.flatten(1), self.conv_reduce.bias))
+        s = F.linear(s, self.conv_expand.weight.flatten(1), self.conv_expand.bias)
+        return x * s.sigmoid().unsqueeze(1)
+
+
+class SEMlp(FanMlp):
+    """FanMlp followed by squeeze-excite (the MLP of ``fan_small_12_p16_224_se_attn``)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, drop: float = 0.0):
+        super().__init__(in_features, hidden_features, in_features, drop=drop)
+        self.se = SqueezeExcite(in_features)
+        _init_conv_fan_out(self.se.conv_reduce)
+        _init_conv_fan_out(self.se.conv_expand)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return self.se(super().forward(x, H, W))
+
+
+class TokenMixing(nn.Module):
+    """Multi-head self-attention with separate ``q`` and ``kv`` projections (FAN's token mixer)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.apply(init_fan_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x).view(B, N, h, d).transpose(1, 2)
+        k, v = self.kv(x).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class ChannelProcessing(nn.Module):
+    """FAN's fully-attentional channel processing (the "MLP" of a FAN block).
+
+    v = norm_v(FanMlp(x)); per head h a channel gate
+    ``g_h = sigmoid(softmax_N(q_h)^T @ mean_d(softmax_N(x_h))) * temperature_h`` of size [d x 1] multiplies v
+    channel-wise. Computed as a weighted sum over tokens, never materialising a [d x d] matrix. No output
+    projection. ``norm_v`` uses the default LayerNorm eps (1e-5) like the reference.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        mlp_hidden_dim: int | None = None,
+        attn_drop: float = 0.0,
+        drop: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        dwconv_residual: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
+        self.mlp_v = FanMlp(dim, mlp_hidden_dim, drop=drop, dwconv_residual=dwconv_residual)
+        self.norm_v = norm_layer(dim)
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        init_fan_weights(self.q)
+        init_fan_weights(self.norm_v)
+
+    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel gate [B, 1, C] (exposed for visualisation of the channel attention)."""
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.q(x).softmax(dim=1).view(B, N, h, C // h)
+        k = x.softmax(dim=1).view(B, N, h, C // h).mean(dim=-1, keepdim=True)  # [B, N, h, 1]
+        gate = (q * k).sum(dim=1).sigmoid()  # [B, h, d]
+        gate = gate * self.temperature.view(1, h, 1)
+        return self.attn_drop(gate).reshape(B, 1, C)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        gate = self.channel_gate(x)
+        v = self.norm_v(self.mlp_v(x, H, W))
+        return v * gate
+
+
+class ClassAttention(nn.Module):
+    """CaiT class attention: the cls token (token 0) queries all tokens; returns the new cls token [B,1,C]."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x[:, :1]).view(B, 1, h, d).transpose(1, 2)
+        k = self.k(x).view(B, N, h, d).transpose(1, 2)
+        v = self.v(x).view(B, N, h, d).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        x = x.transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(x))
+
+    def attention_map(self, x: torch.Tensor) -> torch.Tensor:
+        """Softmax attention of the cls token over all tokens, [B, heads, N] (for visualisation)."""
+        B, N, C = x.shape
+        h, d = self.num_heads, self.head_dim
+        q = self.q(x[:, :1]).view(B, h, 1, d)
+        k = self.k(x).view(B, N, h, d).transpose(1, 2)
+        return ((q @ k.transpose(-2, -1)) * d**-0.5).softmax(dim=-1).squeeze(2)
+
+
+class ClassAttentionBlock(nn.Module):
+    """Class-attention block as published (CaiT with ``tokens_norm``).
+
+    Faithful to the reference, including its treatment of the patch tokens: they receive
+    ``x + gamma1 * norm1(x)`` in the attention step and are doubled in the MLP step; the token models'
+    per-token logits depend on this.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        act_layer: type[nn.Module] = nn.GELU,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        eta: float = 1.0,
+        tokens_norm: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+        self.tokens_norm = tokens_norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x_norm = self.norm1(x)
+        x_attn = torch.cat([self.attn(x_norm), x_norm[:, 1:]], dim=1)
+        x = x + self.drop_path(self.gamma1 * x_attn)
+        if self.tokens_norm:
+            x = self.norm2(x)
+        else:
+            x = torch.cat([self.norm2(x[:, :1]), x[:, 1:]], dim=1)
+        cls_token = self.gamma2 * self.mlp(x[:, :1])
+        return x + self.drop_path(torch.cat([cls_token, x[:, 1:]], dim=1))
+
+
+class OverlapPatchEmbed(nn.Module):
+    """3x3/s2 conv + LayerNorm (eps 1e-5) between two token dims (FAN-Xlarge's in-trunk downsample)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 3, stride: int = 2):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, stride=stride, padding=patch_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+        _init_conv_fan_out(self.proj)
+        init_fan_weights(self.norm)
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int]:
+        x = self.proj(_tokens_to_image(x, H, W))
+        H, W = x.shape[-2:]
+        return self.norm(_image_to_tokens(x)), H, W
+
+
+class FANBlock(nn.Module):
+    """Pre-norm FAN block: token mixing then channel processing, each with layer scale and drop path.
+
+    ``forward(x, H, W) -> (x, H, W)``; an optional ``downsample`` (OverlapPatchEmbed) changes the grid.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_layer: type[nn.Module] = nn.LayerNorm,
+        eta: float = 1.0,
+        downsample: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = TokenMixing(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = self._make_mlp(dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop)
+        self.gamma1 = nn.Parameter(eta * torch.ones(dim))
+        self.gamma2 = nn.Parameter(eta * torch.ones(dim))
+        self.downsample = downsample
+
+    def _make_mlp(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float
+    ) -> nn.Module:
+        return ChannelProcessing(
+            dim, num_heads, qkv_bias=qkv_bias, mlp_hidden_dim=int(dim * mlp_ratio), attn_drop=attn_drop, drop=drop
+        )
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int]:
+        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        x = x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x), H, W))
+        if self.downsample is not None:
+            x, H, W = self.downsample(x, H, W)
+        return x, H, W
+
+
+class FANBlockSE(FANBlock):
+    """FAN block whose channel processing is a squeeze-excite MLP (``*_se_attn``); works for any H, W."""
+
+    def _make_mlp(
+        self, dim: int, num_heads: int, mlp_ratio: float, qkv_bias: bool, drop: float, attn_drop: float
+    ) -> nn.Module:
+        return SEMlp(dim, int(dim * mlp_ratio), drop=drop)

@@ -31,9 +31,9 @@ def run_stage(main: Callable[[], object]) -> None:
 
 
 def _cmd_models(_: argparse.Namespace) -> None:
-    from stl.models import model_table_markdown
+    from stl.models import models_markdown_table
 
-    print(model_table_markdown())
+    print(models_markdown_table())
 
 
 def _cmd_params(_: argparse.Namespace) -> None:

@@ -120,13 +120,13 @@ class RobustnessConfig:
 class EvaluateConfig:
     batch_size: int = _spec(128, lo=1, hi=65536, help="evaluation batch size per process")
     fused_weight: float = _spec(0.5, lo=0.0, hi=100.0, help="token models: cls + w * max over tokens of aux")
+    token_maps: int = _spec(4, lo=0, hi=100, help="test images whose token-label maps are kept (token models)")
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
 @dataclass
 class ReportConfig:
     samples: int = _spec(16, lo=0, hi=1000, help="sample test predictions shown in the report")
-    token_maps: int = _spec(4, lo=0, hi=100, help="images with token-label maps (token models)")
 
 
 @dataclass

@@ -114,21 +114,14 @@ class Tracker:
             return cls(None, uri)
         check_tracking_server(uri)
         from mlflow import MlflowClient
-        from mlflow.entities import RunStatus
 
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        if resume_file is not None and resume_file.is_file():
-            info = json.loads(resume_file.read_text())
-            try:
-                run = client.get_run(info["run_id"])
-                if run.info.status != RunStatus.to_string(RunStatus.FINISHED) and info.get("uri") == uri:
-                    client.update_run(run.info.run_id, status="RUNNING")
-                    return cls(run.info.run_id, uri, exp_id)
-            except Exception:  # noqa: BLE001 - a deleted or foreign run simply means: start a new one
-                pass
+        resumed = cls._reopen_unfinished(resume_file, uri)
+        if resumed is not None:
+            return resumed
         all_tags = {"mlflow.source.git.commit": _git_commit(), **(tags or {})}
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
@@ -152,6 +145,56 @@ class Tracker:
         tracker._client.update_run(info["run_id"], status="RUNNING")
         return tracker
 
+    @classmethod
+    def _reopen_unfinished(cls, resume_file: Path | None, uri: str) -> Tracker | None:
+        """The run recorded in ``resume_file`` if it did not finish (its stage was interrupted), reopened."""
+        if resume_file is None or not resume_file.is_file():
+            return None
+        info = json.loads(resume_file.read_text())
+        if info.get("uri") != uri:
+            return None
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=uri)
+        try:
+            run = client.get_run(info["run_id"])
+        except Exception:  # noqa: BLE001 - a deleted run simply means: start a new one
+            return None
+        if run.info.status == "FINISHED":
+            return None
+        client.update_run(run.info.run_id, status="RUNNING")
+        return cls(run.info.run_id, uri, run.info.experiment_id)
+
+    @classmethod
+    def continue_run(cls, run_file: Path, *, claim_tag: str, resume_file: Path) -> Tracker:
+        """Continue the run an earlier stage of this pipeline run started, or start a linked one.
+
+        A stage re-run after an interruption reopens its own unfinished run (``resume_file``). Otherwise the
+        run in ``run_file`` is continued unless it already carries ``claim_tag`` (this stage ran in it
+        before: the earlier stage was cached and this is a new pipeline run); then a new run is started in
+        the same experiment, tagged with the earlier run's id.
+        """
+        if not run_file.is_file():
+            raise TrackingError(f"{run_file}: no MLflow run file; run the earlier stages first (dvc repro)")
+        info = json.loads(run_file.read_text())
+        if not is_main_process():
+            return cls(None, info["uri"])
+        resumed = cls._reopen_unfinished(resume_file, info["uri"])
+        if resumed is not None:
+            return resumed
+        tracker = cls.open(run_file)
+        if claim_tag not in tracker.get_tags():
+            tracker.save(resume_file)
+            return tracker
+        tracker.finish()
+        from mlflow import MlflowClient
+
+        exp = MlflowClient(tracking_uri=info["uri"]).get_experiment(info["experiment_id"])
+        new = cls.create(experiment=exp.name, configured_uri=info["uri"], tags={"stl.labeler_run_id":
+                                                                               info["run_id"]})
+        new.save(resume_file)
+        return new
+
     def save(self, run_file: Path) -> None:
         """Record the run id (rank 0) so the next stages reopen the same run."""
         if self.active:
@@ -161,6 +204,13 @@ class Tracker:
     def finish(self, failed: bool = False) -> None:
         if self.active:
             self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        """End the stage's part of the run: FINISHED, or FAILED when the stage raised."""
+        self.finish(failed=exc_type is not None)
 
     # --- logging --------------------------------------------------------------------------------------------
     def get_tags(self) -> dict[str, str]:

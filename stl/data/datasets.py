@@ -25,6 +25,27 @@ _EXIF_ORIENTATION = 0x0112
 _INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")
 
 
+def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize, valid on Pillow >= 12: Pillow now refuses 0 bits, which timm's 'PosterizeIncreasing'
+    reaches at full magnitude; 0 bits keeps nothing (a black image), as older Pillow returned."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_timm_posterize() -> None:
+    from timm.data import auto_augment
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if auto_augment.NAME_TO_OP.get(name) is auto_augment.posterize:
+            auto_augment.NAME_TO_OP[name] = _posterize
+
+
+_patch_timm_posterize()
+
+
 def load_image_rgb(path: str | Path) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB, upright per its EXIF orientation.
 

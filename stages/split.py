@@ -13,7 +13,8 @@ from stl.data import split_dataset
 def main() -> None:
     cfg = load_config()
     split_dataset(Path("data/raw"), Path("data/split"), train=cfg.split.train, val=cfg.split.val,
-                  test=cfg.split.test, seed=cfg.seed)
+                  test=cfg.split.test, seed=cfg.seed,
+                  max_per_class=cfg.split.max_per_class)
 
 
 if __name__ == "__main__":

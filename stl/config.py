@@ -54,6 +54,7 @@ class SplitConfig:
     train: float = _spec(0.7, lo=0.0, hi=1.0, lo_open=True, help="fraction of each class for training")
     val: float = _spec(0.15, lo=0.0, hi=1.0, lo_open=True, help="fraction for validation (best checkpoint)")
     test: float = _spec(0.15, lo=0.0, hi=1.0, lo_open=True, help="fraction for the final test metrics")
+    max_per_class: int = _spec(0, lo=0, hi=10**9, help="use at most this many images per class; 0 = all")
 
 
 @dataclass
@@ -217,6 +218,9 @@ def _check_cross(cfg: Config) -> None:
     total = cfg.split.train + cfg.split.val + cfg.split.test
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"split.train + split.val + split.test must be 1.0, got {total:g}")
+    if 0 < cfg.split.max_per_class < 3:
+        raise ConfigError(f"split.max_per_class: {cfg.split.max_per_class} leaves no image for some split; "
+                          "use 0 (all images) or at least 3")
     if cfg.train.img_size % 16:
         raise ConfigError(f"train.img_size: {cfg.train.img_size} must be a multiple of 16 (the FAN stride)")
     if cfg.data.source.startswith(("http://", "https://")) and not cfg.data.sha256:

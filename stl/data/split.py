@@ -36,12 +36,14 @@ def split_dataset(
     test: float,
     seed: int,
     workers: int = 1,
+    max_per_class: int = 0,
 ) -> dict:
     """Write train/val/test.csv (`path,label`), classes.json and skipped.csv to `out_dir`; return a summary.
 
     Class folders are the subdirectories of `raw_dir` (sorted names give the label order); images may sit
     in nested folders inside a class folder. Paths in the manifests are relative to `raw_dir` with '/'.
-    `workers` threads decode images in parallel (the result does not depend on it).
+    `workers` threads decode images in parallel (the result does not depend on it). `max_per_class` > 0
+    keeps a seeded random subset of that many valid images per class before splitting (quick trials).
     """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     fractions = _check_fractions(train, val, test)
@@ -73,9 +75,11 @@ def split_dataset(
     rows: dict[str, list[tuple[str, int]]] = {split: [] for split in SPLITS}
     per_class: dict[str, dict[str, int]] = {}
     for label, name in enumerate(classes):
-        counts = _allocate(len(valid[name]), fractions)
         shuffled = sorted(valid[name])
         random.Random(f"{seed}:{name}").shuffle(shuffled)
+        if max_per_class > 0:
+            shuffled = shuffled[:max_per_class]
+        counts = _allocate(len(shuffled), fractions)
         start = 0
         for split, count in zip(SPLITS, counts, strict=True):
             rows[split].extend((rel, label) for rel in shuffled[start : start + count])

@@ -13,8 +13,12 @@ from stl.distributed import cleanup_distributed
 from stl.evaluate.run import evaluate_model
 from stl.tracking import Tracker
 
-STUDENT, LABELER, OUT, METRICS = Path("models/student"), Path("models/labeler"), Path("reports/eval"), \
-    Path("reports/metrics.json")
+STUDENT, LABELER, OUT, METRICS = (
+    Path("models/student"),
+    Path("models/labeler"),
+    Path("reports/eval"),
+    Path("reports/metrics.json"),
+)
 
 
 def main() -> None:
@@ -22,12 +26,26 @@ def main() -> None:
     ev, rob = cfg.evaluate, cfg.evaluate.robustness
     with Tracker.open(STUDENT / "mlflow_run.json") as tracker:
         scalars = evaluate_model(
-            model_path=STUDENT / "model.pt", split_dir=Path("data/split"), raw_dir=Path("data/raw"), out_dir=OUT,
-            metrics_path=METRICS, batch_size=ev.batch_size, fused_weight=ev.fused_weight, device=cfg.device,
+            model_path=STUDENT / "model.pt",
+            split_dir=Path("data/split"),
+            raw_dir=Path("data/raw"),
+            out_dir=OUT,
+            metrics_path=METRICS,
+            batch_size=ev.batch_size,
+            fused_weight=ev.fused_weight,
+            device=cfg.device,
             labeler_path=LABELER / "labeler.pt" if (LABELER / "labeler.pt").is_file() else None,
-            token_maps=ev.token_maps, robustness=rob.enabled, corruptions=rob.corruptions,
-            severities=rob.severities, max_samples=rob.max_samples, seed=cfg.seed, tracker=tracker)
-        tracker.log_metrics({f"{group}/{k}": v for group, values in scalars.items() for k, v in values.items()})
+            token_maps=ev.token_maps,
+            robustness=rob.enabled,
+            corruptions=rob.corruptions,
+            severities=rob.severities,
+            max_samples=rob.max_samples,
+            seed=cfg.seed,
+            tracker=tracker,
+        )
+        tracker.log_metrics(
+            {f"{group}/{k}": v for group, values in scalars.items() for k, v in values.items()}
+        )
         tracker.log_artifact(OUT, "evaluation")
         tracker.log_artifact(METRICS)
     cleanup_distributed()

@@ -1,6 +1,6 @@
 """DVC stage `report`: one self-contained HTML report (reports/report.html), also logged to MLflow.
 
-    python stages/report.py
+python stages/report.py
 """
 
 import json
@@ -18,14 +18,26 @@ def main() -> None:
     cfg = load_config()
     with Tracker.open(STUDENT / "mlflow_run.json") as tracker:
         student = json.loads((STUDENT / "summary.json").read_text())
-        summary = {"model": cfg.model_name, "data": cfg.data.source, "STL": cfg.stl.enabled,
-                   "best validation top-1": student.get("best_top1"), "best epoch": student.get("best_epoch"),
-                   "best weights": student.get("best_source"), "MLflow run": tracker.run_id or "",
-                   "training seconds": student.get("seconds")}
-        path = build_report(out_path=Path("reports/report.html"), eval_dir=Path("reports/eval"),
-                            metrics_path=Path("reports/metrics.json"), raw_dir=Path("data/raw"),
-                            histories={"labeler": LABELER / "history.json", "student": STUDENT / "history.json"},
-                            params=to_flat_dict(cfg), summary=summary, samples=cfg.report.samples)
+        summary = {
+            "model": cfg.model_name,
+            "data": cfg.data.source,
+            "STL": cfg.stl.enabled,
+            "best validation top-1": student.get("best_top1"),
+            "best epoch": student.get("best_epoch"),
+            "best weights": student.get("best_source"),
+            "MLflow run": tracker.run_id or "",
+            "training seconds": student.get("seconds"),
+        }
+        path = build_report(
+            out_path=Path("reports/report.html"),
+            eval_dir=Path("reports/eval"),
+            metrics_path=Path("reports/metrics.json"),
+            raw_dir=Path("data/raw"),
+            histories={"labeler": LABELER / "history.json", "student": STUDENT / "history.json"},
+            params=to_flat_dict(cfg),
+            summary=summary,
+            samples=cfg.report.samples,
+        )
         tracker.log_artifact(path)
     print(f"wrote {path}")
 

@@ -19,15 +19,28 @@ OUT, CHECKPOINTS, LABELER = Path("models/student"), Path("checkpoints/student"),
 
 def main() -> None:
     cfg = load_config()
-    tracker = Tracker.continue_run(LABELER / "mlflow_run.json", claim_tag="stl.phase.student",
-                                   resume_file=CHECKPOINTS / "mlflow_run.json")
+    tracker = Tracker.continue_run(
+        LABELER / "mlflow_run.json",
+        claim_tag="stl.phase.student",
+        resume_file=CHECKPOINTS / "mlflow_run.json",
+    )
     with tracker:
         tracker.log_params(to_flat_dict(cfg) | {"model_name": cfg.model_name})
-        summary = train_model(phase="student" if cfg.stl.enabled else "supervised", model_name=cfg.model_name,
-                              split_dir=Path("data/split"), raw_dir=Path("data/raw"), out_dir=OUT,
-                              opts=cfg.train, epochs=cfg.train.epochs, seed=cfg.seed, device=cfg.device,
-                              stl=cfg.stl, labeler_path=LABELER / "labeler.pt" if cfg.stl.enabled else None,
-                              tracker=tracker, checkpoint_dir=CHECKPOINTS)
+        summary = train_model(
+            phase="student" if cfg.stl.enabled else "supervised",
+            model_name=cfg.model_name,
+            split_dir=Path("data/split"),
+            raw_dir=Path("data/raw"),
+            out_dir=OUT,
+            opts=cfg.train,
+            epochs=cfg.train.epochs,
+            seed=cfg.seed,
+            device=cfg.device,
+            stl=cfg.stl,
+            labeler_path=LABELER / "labeler.pt" if cfg.stl.enabled else None,
+            tracker=tracker,
+            checkpoint_dir=CHECKPOINTS,
+        )
         tracker.set_tags({"stl.phase.student": "done"})
         tracker.log_metrics({f"student/{k}": v for k, v in summary.items() if k in ("best_top1", "seconds")})
     if is_main_process():

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=1 stages/train_labeler.py
 
-Creates the pipeline's MLflow run (models/labeler/mlflow_run.json); with `stl.enabled: false` it only does that.
+Creates the pipeline's MLflow run (models/labeler/mlflow_run.json); with `stl.enabled: false` that is all
+it does.
 """
 
 import json
@@ -20,20 +21,40 @@ OUT, CHECKPOINTS = Path("models/labeler"), Path("checkpoints/labeler")
 def main() -> None:
     cfg = load_config()
     OUT.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker.create(experiment=cfg.mlflow.experiment, configured_uri=cfg.mlflow.tracking_uri,
-                             resume_file=CHECKPOINTS / "mlflow_run.json")
+    tracker = Tracker.create(
+        experiment=cfg.mlflow.experiment,
+        configured_uri=cfg.mlflow.tracking_uri,
+        resume_file=CHECKPOINTS / "mlflow_run.json",
+    )
     with tracker:
         tracker.log_params(to_flat_dict(cfg) | {"model_name": cfg.model_name})
         if not cfg.stl.enabled:
             summary = {"enabled": False}
         elif cfg.stl.labeler:
-            summary = import_labeler(cfg.stl.labeler, model_name=cfg.model_name, split_dir=Path("data/split"),
-                                     out_path=OUT / "labeler.pt", img_size=cfg.train.img_size, device=cfg.device)
+            summary = import_labeler(
+                cfg.stl.labeler,
+                model_name=cfg.model_name,
+                split_dir=Path("data/split"),
+                out_path=OUT / "labeler.pt",
+                img_size=cfg.train.img_size,
+                device=cfg.device,
+            )
         else:
-            summary = train_model(phase="labeler", model_name=cfg.model_name, split_dir=Path("data/split"),
-                                  raw_dir=Path("data/raw"), out_dir=OUT, opts=cfg.train,
-                                  epochs=cfg.stl.labeler_epochs, seed=cfg.seed, device=cfg.device, stl=cfg.stl,
-                                  tracker=tracker, export_name="labeler.pt", checkpoint_dir=CHECKPOINTS)
+            summary = train_model(
+                phase="labeler",
+                model_name=cfg.model_name,
+                split_dir=Path("data/split"),
+                raw_dir=Path("data/raw"),
+                out_dir=OUT,
+                opts=cfg.train,
+                epochs=cfg.stl.labeler_epochs,
+                seed=cfg.seed,
+                device=cfg.device,
+                stl=cfg.stl,
+                tracker=tracker,
+                export_name="labeler.pt",
+                checkpoint_dir=CHECKPOINTS,
+            )
         tracker.set_tags({"stl.phase.labeler": "done"})
     if is_main_process():
         (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))

@@ -1,7 +1,7 @@
 """The ``stl`` command and the error handling shared by the DVC stage scripts.
 
-    stl models                      # the model table: names, aliases, parameters, outputs
-    stl params                      # every params.yaml key with its default and meaning
+stl models                      # the model table: names, aliases, parameters, outputs
+stl params                      # every params.yaml key with its default and meaning
 """
 
 from __future__ import annotations

@@ -25,8 +25,15 @@ class ConfigError(ValueError):
     """A params.yaml problem; the message names the file, the key and what is allowed."""
 
 
-def _spec(default: Any, *, choices: tuple | None = None, lo: float | None = None, hi: float | None = None,
-          lo_open: bool = False, help: str = "") -> Any:
+def _spec(
+    default: Any,
+    *,
+    choices: tuple | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    lo_open: bool = False,
+    help: str = "",
+) -> Any:
     """A dataclass field with validation metadata (allowed values, closed/open range) and a one-line help."""
     meta = {"choices": choices, "lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
     if isinstance(default, list):
@@ -35,16 +42,29 @@ def _spec(default: Any, *, choices: tuple | None = None, lo: float | None = None
 
 
 CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
 )
 
 
 @dataclass
 class DataConfig:
-    source: str = _spec("digits", help="digits | http(s) URL of a zip/tar archive | local archive | local folder")
+    source: str = _spec(
+        "digits", help="digits | http(s) URL of a zip/tar archive | local archive | local folder"
+    )
     sha256: str = _spec("", help="sha256 of the archive; required for URLs")
     digits_size: int = _spec(32, lo=8, hi=512, help="side in px of the rendered digits images")
 
@@ -102,11 +122,16 @@ class StlConfig:
     aux_weight: float = _spec(1.0, lo=0.0, hi=100.0, help="phase 1: weight of the token-averaged aux loss")
     cls_weight: float = _spec(1.0, lo=0.0, hi=100.0, help="phase 2: weight of the class loss")
     dense_weight: float = _spec(1.0, lo=0.0, hi=100.0, help="phase 2: weight of the mean token loss")
-    token_label: str = _spec("gumbel", choices=("gumbel", "argmax", "soft"), help="how token labels are drawn")
+    token_label: str = _spec(
+        "gumbel", choices=("gumbel", "argmax", "soft"), help="how token labels are drawn"
+    )
     gumbel_tau: float = _spec(1.0, lo=0.0, hi=100.0, lo_open=True, help="Gumbel-softmax temperature")
     token_smoothing: float = _spec(0.1, lo=0.0, hi=1.0, help="label smoothing of the token labels")
-    grid_mismatch: str = _spec("resample", choices=("resample", "error"),
-                               help="labeler and student token grids differ: resample or refuse")
+    grid_mismatch: str = _spec(
+        "resample",
+        choices=("resample", "error"),
+        help="labeler and student token grids differ: resample or refuse",
+    )
 
 
 @dataclass
@@ -121,7 +146,9 @@ class RobustnessConfig:
 class EvaluateConfig:
     batch_size: int = _spec(128, lo=1, hi=65536, help="evaluation batch size per process")
     fused_weight: float = _spec(0.5, lo=0.0, hi=100.0, help="token models: cls + w * max over tokens of aux")
-    token_maps: int = _spec(4, lo=0, hi=100, help="test images whose token-label maps are kept (token models)")
+    token_maps: int = _spec(
+        4, lo=0, hi=100, help="test images whose token-label maps are kept (token models)"
+    )
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
 
 
@@ -178,11 +205,15 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     if not ok:
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, meta['choices']))}")
+        raise ConfigError(
+            f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, meta['choices']))}"
+        )
     lo, hi = meta.get("lo"), meta.get("hi")
     if lo is not None and (value < lo or (meta.get("lo_open") and value == lo)):
         rel = ">" if meta.get("lo_open") else ">="
-        raise ConfigError(f"{key}: {value!r} is out of range; must be {rel} {lo}" + (f" and <= {hi}" if hi else ""))
+        raise ConfigError(
+            f"{key}: {value!r} is out of range; must be {rel} {lo}" + (f" and <= {hi}" if hi else "")
+        )
     if hi is not None and value > hi:
         raise ConfigError(f"{key}: {value!r} is out of range; must be <= {hi}")
     return value
@@ -219,8 +250,10 @@ def _check_cross(cfg: Config) -> None:
     if abs(total - 1.0) > 1e-6:
         raise ConfigError(f"split.train + split.val + split.test must be 1.0, got {total:g}")
     if 0 < cfg.split.max_per_class < 3:
-        raise ConfigError(f"split.max_per_class: {cfg.split.max_per_class} leaves no image for some split; "
-                          "use 0 (all images) or at least 3")
+        raise ConfigError(
+            f"split.max_per_class: {cfg.split.max_per_class} leaves no image for some split; "
+            "use 0 (all images) or at least 3"
+        )
     if cfg.train.img_size % 16:
         raise ConfigError(f"train.img_size: {cfg.train.img_size} must be a multiple of 16 (the FAN stride)")
     if cfg.data.source.startswith(("http://", "https://")) and not cfg.data.sha256:

@@ -1,8 +1,8 @@
 """Process-group set-up and rank helpers, the one place that knows about ranks.
 
 Every script runs unchanged as a single process (``python stages/train.py``) or under torchrun
-(``torchrun --standalone --nproc_per_node=2 stages/train.py``). Side effects (files, prints, MLflow, progress bars)
-happen on rank 0 only, through :func:`is_main_process` and :func:`main_print`.
+(``torchrun --standalone --nproc_per_node=2 stages/train.py``). Side effects (files, prints, MLflow,
+progress bars) happen on rank 0 only, through :func:`is_main_process` and :func:`main_print`.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' was asked for but torch sees no CUDA device; use device: auto or cpu")
+            raise RuntimeError(
+                "device 'cuda' was asked for but torch sees no CUDA device; use device: auto or cpu"
+            )
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     elif device == "cpu":
@@ -128,7 +130,7 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (``[obj]`` without a process group); pickles, so keep it small-ish."""
+    """Every rank's ``obj`` in rank order (``[obj]`` without a process group); pickled, so keep it small."""
     if get_world_size() == 1:
         return [obj]
     out: list[Any] = [None] * get_world_size()

@@ -1,9 +1,10 @@
 """MLflow tracking: one run per pipeline run, shared by the stages, written by rank 0 only.
 
-The first training stage creates the run and records its id in a small JSON out file; later stages reopen it
-from that file, so the labeler's and the student's per-epoch metrics, the evaluation, the figures and the report
-all land in one run. The default store is an absolute ``sqlite:///<project>/mlflow.db`` (the project is
-``DVC_ROOT`` under ``dvc exp run``, so queued and temp experiments log to the real project, not a deleted copy):
+The first training stage creates the run and records its id in a small JSON out file; later stages reopen
+it from that file, so the labeler's and the student's per-epoch metrics, the evaluation, the figures and the
+report all land in one run. The default store is an absolute ``sqlite:///<project>/mlflow.db`` (the project
+is ``DVC_ROOT`` under ``dvc exp run``, so queued and temp experiments log to the real project, not a deleted
+copy):
 
     mlflow ui --backend-store-uri sqlite:///mlflow.db      # then open http://127.0.0.1:5000
 
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stl.distributed import is_main_process
+from stl.io import write_json_atomic
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
@@ -36,12 +38,12 @@ def project_root() -> Path:
 
 
 def resolve_tracking_uri(configured: str = "") -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else params' ``mlflow.tracking_uri``, else sqlite in the project root."""
+    """``MLFLOW_TRACKING_URI`` if set, else params' ``mlflow.tracking_uri``, else sqlite in the project."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or configured
     if not uri:
         return f"sqlite:///{project_root() / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        rel = uri[len("sqlite:///"):]
+        rel = uri[len("sqlite:///") :]
         if not Path(rel).is_absolute():
             return f"sqlite:///{project_root() / rel}"
     return uri
@@ -65,18 +67,12 @@ def check_tracking_server(uri: str, timeout: float = 10.0) -> None:
 
 def _git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=project_root())
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, cwd=project_root()
+        )
         return out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
 
 
 class Tracker:
@@ -102,8 +98,15 @@ class Tracker:
 
     # --- creation -------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, *, experiment: str, configured_uri: str = "", run_name: str | None = None,
-               tags: dict[str, str] | None = None, resume_file: Path | None = None) -> Tracker:
+    def create(
+        cls,
+        *,
+        experiment: str,
+        configured_uri: str = "",
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        resume_file: Path | None = None,
+    ) -> Tracker:
         """Start a run (rank 0) and return a tracker; other ranks get an inactive one.
 
         ``resume_file`` names a file in a persisted folder: when it holds a run that did not finish (the stage
@@ -125,8 +128,11 @@ class Tracker:
         all_tags = {"mlflow.source.git.commit": _git_commit(), **(tags or {})}
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-        run = client.create_run(exp_id, run_name=run_name or os.environ.get("DVC_EXP_NAME"),
-                                tags={k: v for k, v in all_tags.items() if v})
+        run = client.create_run(
+            exp_id,
+            run_name=run_name or os.environ.get("DVC_EXP_NAME"),
+            tags={k: v for k, v in all_tags.items() if v},
+        )
         tracker = cls(run.info.run_id, uri, exp_id)
         if resume_file is not None:
             tracker.save(resume_file)
@@ -190,16 +196,18 @@ class Tracker:
         from mlflow import MlflowClient
 
         exp = MlflowClient(tracking_uri=info["uri"]).get_experiment(info["experiment_id"])
-        new = cls.create(experiment=exp.name, configured_uri=info["uri"], tags={"stl.labeler_run_id":
-                                                                               info["run_id"]})
+        new = cls.create(
+            experiment=exp.name, configured_uri=info["uri"], tags={"stl.labeler_run_id": info["run_id"]}
+        )
         new.save(resume_file)
         return new
 
     def save(self, run_file: Path) -> None:
         """Record the run id (rank 0) so the next stages reopen the same run."""
         if self.active:
-            _write_json_atomic(run_file, {"run_id": self.run_id, "uri": self.uri,
-                                          "experiment_id": self.experiment_id})
+            write_json_atomic(
+                run_file, {"run_id": self.run_id, "uri": self.uri, "experiment_id": self.experiment_id}
+            )
 
     def finish(self, failed: bool = False) -> None:
         if self.active:
@@ -231,7 +239,7 @@ class Tracker:
         have = self._client.get_run(self.run_id).data.params
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
-            self._client.log_batch(self.run_id, params=new[i:i + 100])
+            self._client.log_batch(self.run_id, params=new[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if not self.active:
@@ -242,10 +250,13 @@ class Tracker:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        rows = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))]
+        rows = [
+            Metric(k, float(v), ts, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
         for i in range(0, len(rows), 500):
-            self._client.log_batch(self.run_id, metrics=rows[i:i + 500])
+            self._client.log_batch(self.run_id, metrics=rows[i : i + 500])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.active and Path(path).exists():
@@ -266,5 +277,10 @@ class Tracker:
             out = model(example)
             out = out[0] if isinstance(out, tuple) else out
             signature = infer_signature(example.numpy(), out.detach().numpy())
-            mlflow.pytorch.log_model(model, name=name, serialization_format="pickle", signature=signature,
-                                     input_example=example.numpy())
+            mlflow.pytorch.log_model(
+                model,
+                name=name,
+                serialization_format="pickle",
+                signature=signature,
+                input_example=example.numpy(),
+            )

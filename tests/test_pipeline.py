@@ -1,4 +1,4 @@
-"""The whole DAG through real `dvc`, logging to a real `mlflow server` on 127.0.0.1, on a tiny configuration."""
+"""The whole DAG through real `dvc`, logging to a real `mlflow server` on 127.0.0.1, on tiny settings."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ def _env(**extra: str) -> dict[str, str]:
 def _run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=1200)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
-                             f"{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -61,8 +62,12 @@ def _set(params: dict, dotted: str, value: object) -> None:
 
 def make_project(dst: Path, overrides: dict[str, object]) -> Path:
     """A git + DVC project made of this checkout's files (tracked and new, not ignored), with params set."""
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                           cwd=REPO_ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
     outputs = {"data", "models", "reports", "checkpoints", "mlflow.db", "mlartifacts"}
     for rel in filter(None, (f.decode() for f in files)):
         src = REPO_ROOT / rel
@@ -77,8 +82,22 @@ def make_project(dst: Path, overrides: dict[str, object]) -> Path:
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = _env()
     _run(["git", "init", "-q", "-b", "main"], dst, env)
-    _run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qam", "init",
-          "--allow-empty"], dst, env, check=False)
+    _run(
+        [
+            "git",
+            "-c",
+            "user.email=ci@example.com",
+            "-c",
+            "user.name=ci",
+            "commit",
+            "-qam",
+            "init",
+            "--allow-empty",
+        ],
+        dst,
+        env,
+        check=False,
+    )
     _run(["git", "add", "-A"], dst, env)
     _run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init"], dst, env)
     return dst
@@ -96,10 +115,27 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("mlflow")
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
-         str(root / "artifacts"), "--workers", "1"],
-        cwd=root, env=_env(), stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        cwd=root,
+        env=_env(),
+        stdout=open(root / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -128,10 +164,19 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory, mlflow_server: str) -> tu
 
 def test_repro_writes_every_declared_output(pipeline: tuple[Path, dict, str]) -> None:
     project, _, _ = pipeline
-    for rel in ("data/raw/0", "data/split/train.csv", "data/split/classes.json", "models/labeler/labeler.pt",
-                "models/student/model.pt", "models/student/history.json", "reports/eval/confusion.csv",
-                "reports/eval/roc_by_class.json", "reports/eval/robustness.csv", "reports/eval/token_maps.json",
-                "reports/report.html"):
+    for rel in (
+        "data/raw/0",
+        "data/split/train.csv",
+        "data/split/classes.json",
+        "models/labeler/labeler.pt",
+        "models/student/model.pt",
+        "models/student/history.json",
+        "reports/eval/confusion.csv",
+        "reports/eval/roc_by_class.json",
+        "reports/eval/robustness.csv",
+        "reports/eval/token_maps.json",
+        "reports/report.html",
+    ):
         assert (project / rel).exists(), rel
     metrics = json.loads((project / "reports/metrics.json").read_text())
     assert 0.0 <= metrics["test"]["top1"] <= 1.0
@@ -155,7 +200,8 @@ def test_second_repro_does_nothing_and_dvc_reads_metrics_and_plots(pipeline: tup
 
 
 def test_mlflow_server_has_one_run_with_both_phases_the_report_and_a_servable_model(
-        pipeline: tuple[Path, dict, str], mlflow_server: str) -> None:
+    pipeline: tuple[Path, dict, str], mlflow_server: str
+) -> None:
     import mlflow
     from mlflow import MlflowClient
 
@@ -169,8 +215,15 @@ def test_mlflow_server_has_one_run_with_both_phases_the_report_and_a_servable_mo
     assert run.info.status == "FINISHED"
     assert run.data.params["train.epochs"] == "1" and run.data.params["model"] == "fan_tiny_hybrid"
     assert run.data.tags.get("mlflow.source.git.commit")
-    for key in ("labeler/train_loss", "labeler/val_top1", "student/train_loss", "student/val_top1",
-                "test/top1", "test_fused/top1", "robustness/mean_corruption_top1"):
+    for key in (
+        "labeler/train_loss",
+        "labeler/val_top1",
+        "student/train_loss",
+        "student/val_top1",
+        "test/top1",
+        "test_fused/top1",
+        "robustness/mean_corruption_top1",
+    ):
         assert key in run.data.metrics, key
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "report.html" in artifacts and "evaluation" in artifacts
@@ -198,8 +251,12 @@ def test_exp_run_with_an_alias_changes_the_trained_model(pipeline: tuple[Path, d
 def test_unreachable_tracking_server_fails_before_training(tmp_path: Path) -> None:
     project = make_project(tmp_path, TINY)
     port = _free_port()
-    proc = _run([sys.executable, "stages/train_labeler.py"], project,
-                _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"), check=False)
+    proc = _run(
+        [sys.executable, "stages/train_labeler.py"],
+        project,
+        _env(MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}"),
+        check=False,
+    )
     assert proc.returncode == 1
     assert f"cannot reach the MLflow tracking server http://127.0.0.1:{port}" in proc.stderr
     assert not (project / "checkpoints/labeler/last.pt").exists()
@@ -210,5 +267,6 @@ def test_a_bad_param_stops_the_stage_with_one_clear_line(tmp_path: Path) -> None
     proc = _run([sys.executable, "stages/download.py"], project, _env(), check=False)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        "error: params.yaml: train.lr: -1.0 is out of range; must be > 0.0 and <= 10.0")
+        "error: params.yaml: train.lr: -1.0 is out of range; must be > 0.0 and <= 10.0"
+    )
     assert not (project / "data/raw").exists()

@@ -9,7 +9,6 @@ from stl.data.datasets import ManifestDataset, create_transforms, load_image_rgb
 from stl.data.sources import (
     IMAGE_EXTENSIONS,
     DataSourceError,
-    atomic_output_dir,
     create_raw_dataset,
     find_class_root,
 )
@@ -20,7 +19,6 @@ __all__ = [
     "SPLITS",
     "DataSourceError",
     "ManifestDataset",
-    "atomic_output_dir",
     "create_raw_dataset",
     "create_transforms",
     "find_class_root",

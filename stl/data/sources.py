@@ -24,14 +24,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+
+from stl.io import atomic_output_dir
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "DataSourceError",
-    "atomic_output_dir",
     "create_raw_dataset",
     "find_class_root",
 ]
@@ -121,33 +120,6 @@ def create_raw_dataset(
     if ignored:
         summary["ignored_folders"] = ignored
     return summary
-
-
-@contextmanager
-def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty staging directory that replaces `out_dir` only if the block completes.
-
-    The staging directory sits beside `out_dir` (same filesystem, so the swap is a rename); on any exception
-    it is deleted and an existing `out_dir` is left untouched.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
-        staging = work / "new"
-        staging.mkdir()  # created with the umask's permissions, unlike mkdtemp's 0700
-        yield staging
-        old = work / "old"
-        if out_dir.exists() or out_dir.is_symlink():
-            os.replace(out_dir, old)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if old.exists() or old.is_symlink():
-                os.replace(old, out_dir)
-            raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 def find_class_root(root: Path, label: str = "") -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from stl.data.datasets import load_image_rgb
-from stl.data.sources import atomic_output_dir
+from stl.io import atomic_output_dir
 
 __all__ = ["SPLITS", "split_dataset"]
 

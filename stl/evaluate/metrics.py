@@ -10,14 +10,10 @@ the report stage. Every file is written atomically: a crashed stage never leaves
 from __future__ import annotations
 
 import csv
-import functools
 import heapq
 import io
-import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +26,8 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+
+from stl.io import write_bytes_atomic, write_json_atomic
 
 # Scalars that go to reports/metrics.json (DVC metrics), in this order, when present in a result.
 SCALAR_KEYS = (
@@ -185,7 +183,7 @@ def write_evaluation(out_dir: Path, metrics_path: Path, results: Mapping[str, Ma
     fields = ["group", "index", "class", "precision", "recall", "f1", "support", "auc"]
     rows = [{"group": g} | {key: _round(row[key]) for key in fields[1:]}
             for g, table in per_class.items() for row in table]
-    write_atomic(out_dir / "per_class.csv", _csv_text(fields, rows))
+    write_bytes_atomic(out_dir / "per_class.csv", _csv_text(fields, rows))
 
     names = list(class_names)
     kk = min(top_k, k)
@@ -202,9 +200,9 @@ def write_evaluation(out_dir: Path, metrics_path: Path, results: Mapping[str, Ma
             row[f"top{j + 1}"] = names[order[i, j]]
             row[f"top{j + 1}_prob"] = _round(probs[i, order[i, j]])
         rows.append(row)
-    write_atomic(out_dir / "predictions.csv", _csv_text(fields, rows))
+    write_bytes_atomic(out_dir / "predictions.csv", _csv_text(fields, rows))
 
-    write_atomic(out_dir / "confusion.csv", _csv_text(
+    write_bytes_atomic(out_dir / "confusion.csv", _csv_text(
         ["actual", "predicted"],
         [{"actual": names[a], "predicted": names[p]} for a, p in zip(labels, preds, strict=True)]))
 
@@ -263,33 +261,7 @@ def to_jsonable(obj: Any) -> Any:
 
 def write_json(path: Path, obj: Any) -> None:
     """Strict JSON (no NaN), atomically."""
-    write_atomic(Path(path), json.dumps(to_jsonable(obj), indent=2, allow_nan=False) + "\n")
-
-
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same directory and ``os.replace``.
-
-    Readers (DVC, the report stage, a user's browser) see the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(raw)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    write_json_atomic(path, to_jsonable(obj), allow_nan=False)
 
 
 def _check_inputs(labels: Any, logits: Any, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -38,8 +38,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -51,6 +49,7 @@ from scipy import ndimage, signal
 from tqdm import tqdm
 
 from stl.config import CORRUPTIONS
+from stl.io import write_bytes_atomic
 
 SEVERITIES = (1, 2, 3, 4, 5)
 REFERENCE_SIDE = 224  # the image side the ImageNet-C parameter tables were tuned for
@@ -633,28 +632,18 @@ def write_robustness(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"json": out_dir / "robustness.json", "csv": out_dir / "robustness.csv",
              "heatmap": out_dir / "robustness_heatmap.png"}
-    _write_atomic(paths["json"], json.dumps(result, indent=2, allow_nan=False) + "\n")
+    write_bytes_atomic(paths["json"], json.dumps(result, indent=2, allow_nan=False) + "\n")
 
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(["corruption", "severity", "top1"])
     for row in result["table"]:
         writer.writerow([row["corruption"], int(row["severity"]), round(float(row["top1"]), _DIGITS)])
-    _write_atomic(paths["csv"], text.getvalue())
+    write_bytes_atomic(paths["csv"], text.getvalue())
 
     png = io.BytesIO()
     robustness_heatmap(result).savefig(png, format="png", dpi=120)
-    _write_atomic(paths["heatmap"], png.getvalue())
+    write_bytes_atomic(paths["heatmap"], png.getvalue())
     return paths
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
-    """Write through a temp file in the same directory and ``os.replace``: no half-written file on a crash."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -35,7 +35,7 @@ def token_map(model: torch.nn.Module, image: torch.Tensor) -> dict[str, Any]:
     probs = aux.float().softmax(-1)[0]  # [N, K]
     conf, cls = probs.max(-1)
     n = probs.shape[0]
-    h = w = int(round(n ** 0.5))
+    h = w = int(round(n**0.5))
     if h * w != n:  # non-square inputs: infer the grid from the image's aspect ratio
         h = int(round((n * image.shape[-2] / image.shape[-1]) ** 0.5))
         w = n // h
@@ -49,8 +49,9 @@ class ProbabilityModel(torch.nn.Module):
     ``mlflow.pyfunc.load_model(...).predict(batch)`` needs nothing but the pixels.
     """
 
-    def __init__(self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float],
-                 fused_weight: float = 0.5) -> None:
+    def __init__(
+        self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float], fused_weight: float = 0.5
+    ) -> None:
         super().__init__()
         self.model = model.eval()
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
@@ -72,11 +73,26 @@ def _display_image(path: Path, img_size: int) -> Image.Image:
     return TF.center_crop(image, img_size)
 
 
-def evaluate_model(*, model_path: Path, split_dir: Path, raw_dir: Path, out_dir: Path, metrics_path: Path,
-                   batch_size: int, fused_weight: float, device: str = "auto", workers: int = 0,
-                   labeler_path: Path | None = None, token_maps: int = 0, robustness: bool = False,
-                   corruptions: Sequence[str] = (), severities: Sequence[int] = (), max_samples: int = 0,
-                   seed: int = 0, tracker: Any = None) -> dict[str, dict[str, Any]]:
+def evaluate_model(
+    *,
+    model_path: Path,
+    split_dir: Path,
+    raw_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    batch_size: int,
+    fused_weight: float,
+    device: str = "auto",
+    workers: int = 0,
+    labeler_path: Path | None = None,
+    token_maps: int = 0,
+    robustness: bool = False,
+    corruptions: Sequence[str] = (),
+    severities: Sequence[int] = (),
+    max_samples: int = 0,
+    seed: int = 0,
+    tracker: Any = None,
+) -> dict[str, dict[str, Any]]:
     """Evaluate ``model_path`` on ``split_dir/test.csv``; write ``metrics_path`` and ``out_dir`` (rank 0).
 
     With a ``tracker``, the model is logged to MLflow as a :class:`ProbabilityModel` (with a signature).
@@ -90,8 +106,10 @@ def evaluate_model(*, model_path: Path, split_dir: Path, raw_dir: Path, out_dir:
     transform = create_transforms(img_size, train=False, mean=mean, std=std)
     dataset = ManifestDataset(split_dir / "test.csv", raw_dir, transform=transform)
     if list(dataset.classes) != list(classes):
-        raise ValueError(f"{model_path}: the model's classes {classes} differ from {split_dir}/classes.json "
-                         f"{list(dataset.classes)}; re-run training (dvc repro)")
+        raise ValueError(
+            f"{model_path}: the model's classes {classes} differ from {split_dir}/classes.json "
+            f"{list(dataset.classes)}; re-run training (dvc repro)"
+        )
     loader = shard_loader(dataset, batch_size, workers)
     pred = predict_logits(model, loader, info.device, fused_weight=fused_weight)
     if not is_main_process():
@@ -120,8 +138,16 @@ def evaluate_model(*, model_path: Path, split_dir: Path, raw_dir: Path, out_dir:
             return out.argmax(-1).cpu().numpy()
 
         main_print(f"robustness: {len(corruptions)} corruptions x {len(severities)} severities")
-        result = evaluate_robustness(predict_fn, images, labels, list(corruptions), list(severities),
-                                     max_samples=max_samples, seed=seed, batch_size=batch_size)
+        result = evaluate_robustness(
+            predict_fn,
+            images,
+            labels,
+            list(corruptions),
+            list(severities),
+            max_samples=max_samples,
+            seed=seed,
+            batch_size=batch_size,
+        )
         write_robustness(result, out_dir)
         extra["robustness"] = robustness_metrics(result)
 
@@ -137,15 +163,33 @@ def evaluate_model(*, model_path: Path, split_dir: Path, raw_dir: Path, out_dir:
         write_json(out_dir / "token_maps.json", {"classes": classes, "maps": maps})
 
     probs = softmax(pred["logits"])
-    write_evaluation(out_dir, metrics_path, results, labels, probs.argmax(1), probs,
-                     dataset.rel_paths, classes, extra_metrics=extra)
+    write_evaluation(
+        out_dir,
+        metrics_path,
+        results,
+        labels,
+        probs.argmax(1),
+        probs,
+        dataset.rel_paths,
+        classes,
+        extra_metrics=extra,
+    )
     write_json(out_dir / "model_meta.json", dict(meta))
     if tracker is not None:
         example = torch.stack([TF.to_tensor(_display_image(p, img_size)) for p in dataset.paths[:2]])
         tracker.log_model(ProbabilityModel(model.cpu(), mean, std, fused_weight), example)
     scalars = {g: scalar_metrics(r) for g, r in results.items()} | extra
-    main_print(json.dumps({g: {k: v for k, v in s.items() if k in ("top1", "macro_f1", "macro_auc",
-                                                                  "mean_corruption_top1")}
-                           for g, s in scalars.items()}))
+    main_print(
+        json.dumps(
+            {
+                g: {
+                    k: v
+                    for k, v in s.items()
+                    if k in ("top1", "macro_f1", "macro_auc", "mean_corruption_top1")
+                }
+                for g, s in scalars.items()
+            }
+        )
+    )
     barrier()
     return scalars

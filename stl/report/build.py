@@ -38,8 +38,17 @@ def _samples(eval_dir: Path, raw_dir: Path, n: int) -> list[dict[str, Any]]:
     wrong = [r for r in rows if r["correct"] in ("False", "false", "0")]
     right = [r for r in rows if r not in wrong]
     picked = (wrong + right)[:n]
-    return [{"image": raw_dir / r["path"], "path": r["path"], "label": r["label_name"], "pred": r["pred_name"],
-             "prob": float(r["prob"]), "correct": r in right} for r in picked]
+    return [
+        {
+            "image": raw_dir / r["path"],
+            "path": r["path"],
+            "label": r["label_name"],
+            "pred": r["pred_name"],
+            "prob": float(r["prob"]),
+            "correct": r in right,
+        }
+        for r in picked
+    ]
 
 
 def _token_map_figures(eval_dir: Path, raw_dir: Path) -> list[dict[str, Any]]:
@@ -52,17 +61,31 @@ def _token_map_figures(eval_dir: Path, raw_dir: Path) -> list[dict[str, Any]]:
     classes = data["classes"]
     items = []
     for entry in data["maps"]:
-        maps = {name: (entry[name]["classes"], entry[name]["confidence"])
-                for name in ("labeler", "student") if name in entry}
+        maps = {
+            name: (entry[name]["classes"], entry[name]["confidence"])
+            for name in ("labeler", "student")
+            if name in entry
+        }
         image = load_image_rgb(raw_dir / entry["path"])
         fig = token_label_maps(image, maps, classes)
-        items.append({"figure": figure_png(fig), "caption": f"{entry['path']} (true: {classes[entry['label']]})"})
+        items.append(
+            {"figure": figure_png(fig), "caption": f"{entry['path']} (true: {classes[entry['label']]})"}
+        )
     return items
 
 
-def build_report(*, out_path: Path, eval_dir: Path, metrics_path: Path, histories: Mapping[str, Path],
-                 raw_dir: Path, params: Mapping[str, Any], summary: Mapping[str, Any], samples: int = 16,
-                 title: str = "STL training report") -> Path:
+def build_report(
+    *,
+    out_path: Path,
+    eval_dir: Path,
+    metrics_path: Path,
+    histories: Mapping[str, Path],
+    raw_dir: Path,
+    params: Mapping[str, Any],
+    summary: Mapping[str, Any],
+    samples: int = 16,
+    title: str = "STL training report",
+) -> Path:
     """Write the self-contained report to ``out_path`` from the outputs of the earlier stages."""
     evaluation = _read_json(eval_dir / "evaluation.json")
     if evaluation is None:
@@ -78,16 +101,25 @@ def build_report(*, out_path: Path, eval_dir: Path, metrics_path: Path, historie
     figures["roc"] = figure_png(plot_roc(test["roc"], classes))
     figures["confusion"] = figure_png(plot_confusion_matrix(test["confusion"]["counts"], classes))
     figures["confusion_normalized"] = figure_png(
-        plot_confusion_matrix(test["confusion"]["normalized"], classes, normalized=True))
+        plot_confusion_matrix(test["confusion"]["normalized"], classes, normalized=True)
+    )
     figures["per_class"] = figure_png(plot_per_class(test["per_class"]))
     if "test_fused" in evaluation:
         fused = evaluation["test_fused"]
         figures["roc (fused cls + token prediction)"] = figure_png(
-            plot_roc(fused["roc"], classes, title="ROC, fused prediction"))
+            plot_roc(fused["roc"], classes, title="ROC, fused prediction")
+        )
     if (eval_dir / "robustness_heatmap.png").is_file():
         figures["robustness (ImageNet-C style corruptions, top-1)"] = eval_dir / "robustness_heatmap.png"
     return render_report(
-        out_path, title=title, summary=summary, params=params, metrics=metrics, history=history,
-        per_class=test["per_class"], figures=figures, samples=_samples(eval_dir, raw_dir, samples),
+        out_path,
+        title=title,
+        summary=summary,
+        params=params,
+        metrics=metrics,
+        history=history,
+        per_class=test["per_class"],
+        figures=figures,
+        samples=_samples(eval_dir, raw_dir, samples),
         token_maps=_token_map_figures(eval_dir, raw_dir),
     )

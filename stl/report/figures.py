@@ -22,7 +22,7 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from stl.evaluate.metrics import write_atomic
+from stl.io import write_bytes_atomic
 
 _DPI = 110
 _ANNOTATE_MAX = 20  # confusion cells carry numbers up to this many classes
@@ -46,7 +46,7 @@ def figure_png(fig: Figure, dpi: int = _DPI) -> bytes:
 def save_figure(fig: Figure, path: Path, dpi: int = _DPI) -> Path:
     """Write ``fig`` as a PNG atomically and release it (also from pyplot, if it was made there)."""
     path = Path(path)
-    write_atomic(path, figure_png(fig, dpi))
+    write_bytes_atomic(path, figure_png(fig, dpi))
     if "matplotlib.pyplot" in sys.modules:
         sys.modules["matplotlib.pyplot"].close(fig)
     fig.clear()

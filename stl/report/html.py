@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stl.evaluate.metrics import write_atomic
+from stl.io import write_bytes_atomic
 
 _THUMB = 192  # px: sample images are downscaled to this box before embedding
 # Known figures in reading order, with their headings; any other figure goes to "Other figures".
@@ -93,7 +93,7 @@ def render_report(out_path: Path, *, title: str, summary: Mapping[str, Any], par
            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n"
            + "\n".join(parts) + "\n</body></html>\n")
     out_path = Path(out_path)
-    write_atomic(out_path, doc)
+    write_bytes_atomic(out_path, doc)
     return out_path
 
 

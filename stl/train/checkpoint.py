@@ -23,16 +23,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from stl.io import torch_save_atomic
 
 FORMAT_VERSION = 1
 EXPORT_KEYS = ("model_name", "num_classes", "classes", "img_size", "state_dict", "source", "epoch",
@@ -43,41 +42,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file is missing, unreadable or of the wrong kind; the message names the file."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _atomic_write(path: str | Path, mode: str, write: Callable[[Any], None]) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, then rename over ``path``.
-
-    A failure at any point (disk full, kill, an unpicklable value) leaves the previous ``path`` untouched
-    and removes the temp file.
-    """
-    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
-
-
-def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write a text file atomically (same guarantees as :func:`atomic_save`)."""
-    _atomic_write(path, "w", lambda f: f.write(text))
+    """``torch.save`` atomically: a failure (disk full, kill, an unpicklable value) leaves the old file."""
+    torch_save_atomic(obj, path)
 
 
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:

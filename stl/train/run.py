@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
 import time
 from pathlib import Path
@@ -59,12 +58,12 @@ from stl.distributed import (
     main_print,
     seed_everything,
 )
+from stl.io import write_json_atomic
 from stl.train.checkpoint import (
     EXPORT_KEYS,
     FORMAT_VERSION,
     CheckpointError,
     atomic_save,
-    atomic_write_text,
     capture_rng_state,
     export_model,
     fingerprint,
@@ -139,7 +138,7 @@ def _export_name(phase: str, export_name: str | None) -> str:
 
 
 def _write_history(path: Path, history: list[dict]) -> None:
-    atomic_write_text(json.dumps(history, indent=2) + "\n", path)
+    write_json_atomic(path, history)
 
 
 def _log_rows(tracker: Any, phase: str, rows: list[dict]) -> None:

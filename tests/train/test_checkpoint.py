@@ -13,11 +13,11 @@ import pytest
 import timm
 import torch
 
-from stl.train import checkpoint as ckpt
+import stl.io
+from stl.io import write_bytes_atomic
 from stl.train.checkpoint import (
     CheckpointError,
     atomic_save,
-    atomic_write_text,
     capture_rng_state,
     export_model,
     fingerprint,
@@ -45,7 +45,7 @@ def test_atomic_save_interrupted_before_rename(tmp_path: Path, monkeypatch: pyte
     def boom(src: str, dst: str) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ckpt.os, "replace", boom)
+    monkeypatch.setattr(stl.io.os, "replace", boom)
     with pytest.raises(KeyboardInterrupt):
         atomic_save({"epoch": 2}, path)
     monkeypatch.undo()
@@ -55,7 +55,7 @@ def test_atomic_save_interrupted_before_rename(tmp_path: Path, monkeypatch: pyte
 
 def test_atomic_write_text(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "history.json"
-    atomic_write_text("[]\n", path)
+    write_bytes_atomic(path, "[]\n")
     assert path.read_text() == "[]\n"
     assert path.stat().st_mode & 0o644 == 0o644
 

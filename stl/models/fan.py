@@ -41,10 +41,16 @@ class FAN(nn.Module):
         embed_dim: token dim of the first block; ``channel_dims`` gives one dim per block when it changes
             (an OverlapPatchEmbed after block i where dims i and i+1 differ, as in FAN-Xlarge).
         num_heads: an int or one per block; the class-attention blocks use the last.
-        hybrid_depths: ConvNeXt stage depths of the hybrid stem (None: the /16 conv stem of FAN-ViT).
+        hybrid_depths: ConvNeXt stage depths of the hybrid stem (None: the /16 conv stem of FAN-ViT);
+            ``hybrid_dims`` their widths.
         drop_path_rate: the same rate in every FAN block (no linear ramp); none in class attention or stem.
         return_dense: add ``aux_head`` on the patch tokens and return ``(cls_logits, aux_logits)``.
         img_size: only the nominal size (any size divisible by the stride works).
+        drop_rate: timm 1.0 meaning, dropout before the heads; ``proj_drop_rate`` is the in-block dropout
+            (the reference's ``drop_rate``), ``pos_drop_rate`` the dropout after the positional encoding.
+
+    Gradient checkpointing (``set_grad_checkpointing``) recomputes each FAN block in backward; the BatchNorm
+    running statistics of a recomputed block are then updated twice per step (as for any BN model in timm).
     """
 
     def __init__(
@@ -70,13 +76,16 @@ class FAN(nn.Module):
         eta: float = 1.0,
         tokens_norm: bool = True,
         hybrid_depths: Sequence[int] | None = None,
+        hybrid_dims: Sequence[int] = (128, 256),
         hybrid_patch_size: int = 2,
         head_init_scale: float = 1.0,
         return_dense: bool = False,
     ):
         super().__init__()
         if global_pool not in ("token", ""):
-            raise ValueError(f"FAN pools with its class token: global_pool must be 'token', got {global_pool!r}")
+            raise ValueError(
+                f"FAN pools with its class token: global_pool must be 'token', got {global_pool!r}"
+            )
         if hybrid_depths is None and patch_size != 16:
             raise ValueError(f"the FAN-ViT conv stem has stride 16; patch_size={patch_size} is not supported")
         self.num_classes = num_classes
@@ -95,7 +104,9 @@ class FAN(nn.Module):
         if hybrid_depths is None:
             self.patch_embed: nn.Module = ConvPatchEmbed(channel_dims[0], in_chans)
         else:
-            self.patch_embed = HybridEmbed(hybrid_depths, channel_dims[0], in_chans, hybrid_patch_size)
+            self.patch_embed = HybridEmbed(
+                hybrid_depths, channel_dims[0], in_chans, hybrid_patch_size, dims=hybrid_dims
+            )
         self.patch_size = self.patch_embed.patch_size
         self.pos_embed = PositionalEncodingFourier(dim=channel_dims[0])
         self.pos_drop = nn.Dropout(pos_drop_rate)
@@ -182,10 +193,14 @@ class FAN(nn.Module):
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         """New ``head`` (and ``aux_head`` for token models) for ``num_classes`` (0: features only)."""
         if global_pool is not None and global_pool not in ("token", ""):
-            raise ValueError(f"FAN pools with its class token: global_pool must be 'token', got {global_pool!r}")
+            raise ValueError(
+                f"FAN pools with its class token: global_pool must be 'token', got {global_pool!r}"
+            )
         self.num_classes = num_classes
         device = self.cls_token.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        self.head = (
+            nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+        )
         init_fan_weights(self.head)
         if self.return_dense:
             self.aux_head = (
@@ -294,8 +309,8 @@ default_cfgs = generate_default_cfgs(
 def _create_fan(variant: str, pretrained: bool = False, **kwargs: Any) -> FAN:
     if pretrained:
         raise RuntimeError(
-            f"{variant}: pretrained=True cannot download weights here. Create the model with pretrained=False "
-            "and read a published checkpoint with stl.models.load_checkpoint(model, path)."
+            f"{variant}: pretrained=True cannot download weights here. Create the model with "
+            "pretrained=False and read a published checkpoint with stl.models.load_checkpoint(model, path)."
         )
     model_args = dict(FAN_MODEL_ARGS[variant])
     # the hybrids derive the stem from hybrid_depths; a nominal patch_size from timm is ignored

@@ -1,0 +1,32 @@
+"""FAN models: importing this package registers every FAN / FAN-Hybrid / STL token / FAN-Swin name with timm.
+
+Typical use (the labeler checkpoint's 1000-class heads are dropped for a 5-class model)::
+
+    name = resolve_model_name("fan_tiny_hybrid_token")   # -> "fan_tiny_8_p4_hybrid_token"
+    model = timm.create_model(name, num_classes=5)
+    load_checkpoint(model, "fan_tiny_tl.pth.tar", use_ema=True)
+"""
+
+from . import fan, fan_swin  # noqa: F401  (registration side effect)
+from .checkpoint import load_checkpoint, read_checkpoint
+from .fan import FAN
+from .registry import (
+    MODEL_ALIASES,
+    is_token_model,
+    list_models,
+    models_markdown_table,
+    resolve_model_name,
+    token_variant,
+)
+
+__all__ = [
+    "FAN",
+    "MODEL_ALIASES",
+    "is_token_model",
+    "list_models",
+    "load_checkpoint",
+    "models_markdown_table",
+    "read_checkpoint",
+    "resolve_model_name",
+    "token_variant",
+]

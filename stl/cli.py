@@ -50,7 +50,7 @@ def _cmd_params(_: argparse.Namespace) -> None:
 def _cmd_predict(args: argparse.Namespace) -> None:
     from stl.evaluate.infer import find_images, format_predictions, predict_files, resolve_device
     from stl.io import write_bytes_atomic
-    from stl.train.checkpoint import load_trained_model
+    from stl.models import load_trained_model
 
     fmt = args.format or ("json" if args.output and args.output.lower().endswith(".json") else "csv")
     files, skipped = find_images(args.paths)  # a missing path fails before the model is loaded

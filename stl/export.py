@@ -150,7 +150,7 @@ def export_trained_model(
     Returns ``path``, ``sidecar``, ``max_abs_diff``, ``outputs`` (names) and ``shapes``. Raises ExportError
     (nothing written) when the export fails or differs from PyTorch by more than ``tolerance``.
     """
-    from stl.train.checkpoint import load_trained_model
+    from stl.models import load_trained_model
 
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")

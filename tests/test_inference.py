@@ -20,7 +20,7 @@ from PIL import Image
 from stl.data import create_transforms, load_image_rgb
 from stl.evaluate.infer import find_images, format_predictions, predict_files
 from stl.export import ExportError, default_export_path, export_trained_model
-from stl.train.checkpoint import export_model, load_trained_model
+from stl.models import export_model, load_trained_model
 
 from .train.tiny import TINY, TINY_TOKEN, register_tiny_models
 

@@ -118,7 +118,7 @@ def predict_files(
     ('' when the image was read). Token models use ``cls + fused_weight * max over tokens of aux`` unless
     ``fused`` is False (class token only). With ``progress``, a bar and the per-file errors go to stderr.
 
-    ``meta`` is :func:`stl.train.checkpoint.load_trained_model`'s (classes, img_size, mean, std).
+    ``meta`` is :func:`stl.models.load_trained_model`'s (classes, img_size, mean, std).
     """
     from tqdm import tqdm
 

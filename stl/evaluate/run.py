@@ -24,8 +24,7 @@ from stl.distributed import barrier, init_distributed, is_main_process, main_pri
 from stl.evaluate.metrics import compute_metrics, scalar_metrics, softmax, write_evaluation, write_json
 from stl.evaluate.predict import predict_logits, shard_loader
 from stl.evaluate.robustness import evaluate_robustness, robustness_metrics, write_robustness
-from stl.models import is_token_model
-from stl.train.checkpoint import load_trained_model
+from stl.models import is_token_model, load_trained_model
 
 
 def token_map(model: torch.nn.Module, image: torch.Tensor) -> dict[str, Any]:

@@ -18,13 +18,17 @@ from .registry import (
     resolve_model_name,
     token_variant,
 )
+from .trained import CheckpointError, export_model, load_trained_model
 
 __all__ = [
     "FAN",
+    "CheckpointError",
     "MODEL_ALIASES",
+    "export_model",
     "is_token_model",
     "list_models",
     "load_checkpoint",
+    "load_trained_model",
     "models_markdown_table",
     "read_checkpoint",
     "resolve_model_name",

@@ -10,7 +10,7 @@ token labels (``labeler_path=...``). The losses and token labels are in ``stl.tr
 ``stl.train.token_labels``.
 """
 
-from stl.train.checkpoint import CheckpointError, load_trained_model
+from stl.models.trained import CheckpointError, load_trained_model
 from stl.train.engine import NonFiniteLossError
 from stl.train.run import load_labeler, train_model
 

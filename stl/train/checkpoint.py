@@ -1,8 +1,6 @@
-"""Training checkpoints, the exported model file, and the run fingerprint that decides whether to resume.
+"""Training checkpoints and the run fingerprint that decides whether to resume.
 
-    from stl.train.checkpoint import load_trained_model
-    model, meta = load_trained_model("models/model.pt", device="cpu")   # eval mode, no training code needed
-    meta["classes"], meta["img_size"], meta["mean"], meta["std"]
+The exported model file (``model.pt`` / ``labeler.pt``) and its safe loader live in :mod:`stl.models.trained`.
 
 Every file here is a plain dict of tensors and builtins (no pickled classes), written atomically (a temp file
 in the same folder, fsync, then ``os.replace``) so an interruption leaves either the old file or the new one,
@@ -13,10 +11,6 @@ Training checkpoint (``<out>/checkpoints/last.pt`` and ``best.pt``), keys: ``mod
 ``num_updates``, ``best_top1``, ``best_epoch``, ``best_source`` ('ema' | 'model'), ``rng`` (one entry per
 rank: python, numpy, torch, cuda), ``history`` (the per-epoch rows), ``fingerprint``, ``model_name``,
 ``num_classes``, ``classes``, ``img_size``, ``phase``, ``epochs``, ``mean``, ``std``, ``format_version``.
-
-Exported model (``model.pt`` / ``labeler.pt``), keys: ``model_name``, ``num_classes``, ``classes``,
-``img_size``, ``state_dict``, ``source`` ('ema' | 'model'), ``epoch``, ``val_top1``, ``phase``, ``mean``,
-``std``, ``format_version``.
 """
 
 from __future__ import annotations
@@ -29,37 +23,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from stl.io import torch_save_atomic
-
-FORMAT_VERSION = 1
-EXPORT_KEYS = ("model_name", "num_classes", "classes", "img_size", "state_dict", "source", "epoch",
-               "val_top1", "phase", "mean", "std")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or model file is missing, unreadable or of the wrong kind; the message names the file."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` atomically: a failure (disk full, kill, an unpicklable value) leaves the old file."""
     torch_save_atomic(obj, path)
-
-
-def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load one of this module's files safely (``weights_only=True``); a clear error if it cannot."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unpickling problem is one message
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
-                              "delete it to start over") from None
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
-    return obj
 
 
 # --- fingerprint --------------------------------------------------------------------------------------------
@@ -109,53 +79,3 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-
-
-# --- exported model -----------------------------------------------------------------------------------------
-def export_model(path: str | Path, *, model_name: str, num_classes: int, classes: list[str], img_size: int,
-                 state_dict: dict[str, torch.Tensor], source: str, epoch: int, val_top1: float, phase: str,
-                 mean: tuple[float, ...], std: tuple[float, ...]) -> None:
-    """Write the deployable model file (weights + what evaluation and prediction need to use them)."""
-    atomic_save({
-        "format_version": FORMAT_VERSION,
-        "model_name": model_name,
-        "num_classes": int(num_classes),
-        "classes": list(classes),
-        "img_size": int(img_size),
-        "state_dict": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "source": source,
-        "epoch": int(epoch),
-        "val_top1": float(val_top1),
-        "phase": phase,
-        "mean": [float(x) for x in mean],
-        "std": [float(x) for x in std],
-    }, path)
-
-
-def load_trained_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model saved by training (``model.pt`` / ``labeler.pt``): (model in eval mode, meta).
-
-    ``meta`` is the file's dict without ``state_dict``. Only needs the model registry (``stl.models``).
-    """
-    import timm
-
-    import stl.models  # noqa: F401 - registers the FAN models with timm
-
-    obj = load_file(path)
-    missing = [k for k in EXPORT_KEYS if k not in obj]
-    if missing:
-        raise CheckpointError(
-            f"{path}: not a model file written by training (missing keys {missing}); expected the model.pt "
-            "or labeler.pt of a training stage, or checkpoints/best.pt (use load_file for that)"
-        )
-    try:
-        model = timm.create_model(obj["model_name"], num_classes=obj["num_classes"], img_size=obj["img_size"])
-    except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{path}: cannot build its model {obj['model_name']!r}: {e}") from None
-    try:
-        model.load_state_dict(obj["state_dict"], strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {obj['model_name']!r}: {e}") from None
-    model.to(device).eval()
-    meta = {k: v for k, v in obj.items() if k != "state_dict"}
-    return model, meta

@@ -59,18 +59,15 @@ from stl.distributed import (
     seed_everything,
 )
 from stl.io import write_json_atomic
-from stl.train.checkpoint import (
+from stl.models.trained import (
     EXPORT_KEYS,
     FORMAT_VERSION,
     CheckpointError,
-    atomic_save,
-    capture_rng_state,
     export_model,
-    fingerprint,
     load_file,
     load_trained_model,
-    restore_rng_state,
 )
+from stl.train.checkpoint import atomic_save, capture_rng_state, fingerprint, restore_rng_state
 from stl.train.engine import PHASES, PhaseLoss, evaluate, train_one_epoch
 from stl.train.optim import create_optimizer, create_scheduler
 

@@ -15,16 +15,8 @@ import torch
 
 import stl.io
 from stl.io import write_bytes_atomic
-from stl.train.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    capture_rng_state,
-    export_model,
-    fingerprint,
-    load_file,
-    load_trained_model,
-    restore_rng_state,
-)
+from stl.models.trained import CheckpointError, export_model, load_file, load_trained_model
+from stl.train.checkpoint import atomic_save, capture_rng_state, fingerprint, restore_rng_state
 
 from .tiny import TINY, register_tiny_models
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from stl.train.checkpoint import load_file
+from stl.models.trained import load_file
 
 from .tiny import make_split
 

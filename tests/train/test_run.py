@@ -14,8 +14,8 @@ import timm
 import torch
 
 from stl.config import StlConfig
+from stl.models.trained import export_model, load_file, load_trained_model
 from stl.train import run as run_mod
-from stl.train.checkpoint import export_model, load_file, load_trained_model
 from stl.train.run import train_model
 
 from .tiny import TINY, TINY_TOKEN, make_split, register_tiny_models, tiny_opts

@@ -8,7 +8,7 @@ Writes reports/metrics.json (DVC metrics) and reports/eval/ (plots, tables, figu
 from pathlib import Path
 
 from stl.cli import run_stage
-from stl.config import load_config
+from stl.config import load_config, to_flat_dict
 from stl.distributed import cleanup_distributed
 from stl.evaluate.run import evaluate_model
 from stl.tracking import Tracker
@@ -24,7 +24,9 @@ STUDENT, LABELER, OUT, METRICS = (
 def main() -> None:
     cfg = load_config()
     ev, rob = cfg.evaluate, cfg.evaluate.robustness
-    with Tracker.open(STUDENT / "mlflow_run.json") as tracker:
+    tracker = Tracker.continue_run(STUDENT / "mlflow_run.json", claim_tag="stl.phase.evaluate")
+    with tracker:
+        tracker.log_params(to_flat_dict(cfg))
         scalars = evaluate_model(
             model_path=STUDENT / "model.pt",
             split_dir=Path("data/split"),
@@ -48,6 +50,8 @@ def main() -> None:
         )
         tracker.log_artifact(OUT, "evaluation")
         tracker.log_artifact(METRICS)
+        tracker.set_tags({"stl.phase.evaluate": "done"})
+        tracker.save(OUT / "mlflow_run.json")
     cleanup_distributed()
 
 

@@ -16,7 +16,9 @@ STUDENT, LABELER = Path("models/student"), Path("models/labeler")
 
 def main() -> None:
     cfg = load_config()
-    with Tracker.open(STUDENT / "mlflow_run.json") as tracker:
+    tracker = Tracker.continue_run(Path("reports/eval/mlflow_run.json"), claim_tag="stl.phase.report")
+    with tracker:
+        tracker.log_params(to_flat_dict(cfg))
         student = json.loads((STUDENT / "summary.json").read_text())
         summary = {
             "model": cfg.model_name,
@@ -37,8 +39,11 @@ def main() -> None:
             params=to_flat_dict(cfg),
             summary=summary,
             samples=cfg.report.samples,
+            figures_dir=Path("reports/figures"),
         )
         tracker.log_artifact(path)
+        tracker.log_artifact(Path("reports/figures"), "figures")
+        tracker.set_tags({"stl.phase.report": "done"})
     print(f"wrote {path}")
 
 

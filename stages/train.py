@@ -5,12 +5,12 @@
 Continues the MLflow run of train_labeler when it is this pipeline run's (else starts one linked to it).
 """
 
-import json
 from pathlib import Path
 
 from stl.cli import run_stage
-from stl.config import load_config, to_flat_dict
+from stl.config import load_config, settings_key, to_flat_dict
 from stl.distributed import cleanup_distributed, is_main_process
+from stl.io import write_json_atomic
 from stl.tracking import Tracker
 from stl.train.run import train_model
 
@@ -19,10 +19,12 @@ OUT, CHECKPOINTS, LABELER = Path("models/student"), Path("checkpoints/student"),
 
 def main() -> None:
     cfg = load_config()
+    key = settings_key(cfg)
     tracker = Tracker.continue_run(
         LABELER / "mlflow_run.json",
         claim_tag="stl.phase.student",
         resume_file=CHECKPOINTS / "mlflow_run.json",
+        settings_key=key,
     )
     with tracker:
         tracker.log_params(to_flat_dict(cfg) | {"model_name": cfg.model_name})
@@ -42,10 +44,9 @@ def main() -> None:
             checkpoint_dir=CHECKPOINTS,
         )
         tracker.set_tags({"stl.phase.student": "done"})
-        tracker.log_metrics({f"student/{k}": v for k, v in summary.items() if k in ("best_top1", "seconds")})
     if is_main_process():
-        (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        tracker.save(OUT / "mlflow_run.json")
+        write_json_atomic(OUT / "summary.json", summary, default=str)
+        tracker.save(OUT / "mlflow_run.json", key)
     cleanup_distributed()
 
 

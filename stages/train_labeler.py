@@ -6,12 +6,12 @@ Creates the pipeline's MLflow run (models/labeler/mlflow_run.json); with `stl.en
 it does.
 """
 
-import json
 from pathlib import Path
 
 from stl.cli import run_stage
-from stl.config import load_config, to_flat_dict
+from stl.config import load_config, settings_key, to_flat_dict
 from stl.distributed import cleanup_distributed, is_main_process
+from stl.io import write_json_atomic
 from stl.tracking import Tracker
 from stl.train.run import import_labeler, train_model
 
@@ -20,11 +20,12 @@ OUT, CHECKPOINTS = Path("models/labeler"), Path("checkpoints/labeler")
 
 def main() -> None:
     cfg = load_config()
-    OUT.mkdir(parents=True, exist_ok=True)
+    key = settings_key(cfg)
     tracker = Tracker.create(
         experiment=cfg.mlflow.experiment,
         configured_uri=cfg.mlflow.tracking_uri,
         resume_file=CHECKPOINTS / "mlflow_run.json",
+        settings_key=key,
     )
     with tracker:
         tracker.log_params(to_flat_dict(cfg) | {"model_name": cfg.model_name})
@@ -57,8 +58,8 @@ def main() -> None:
             )
         tracker.set_tags({"stl.phase.labeler": "done"})
     if is_main_process():
-        (OUT / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        tracker.save(OUT / "mlflow_run.json")
+        write_json_atomic(OUT / "summary.json", summary, default=str)
+        tracker.save(OUT / "mlflow_run.json", key)
     cleanup_distributed()
 
 

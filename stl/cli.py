@@ -15,13 +15,13 @@ import os
 import sys
 from collections.abc import Callable
 
-from stl.distributed import main_print
+from stl.distributed import get_rank
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
 
 
 def run_stage(main: Callable[[], object]) -> None:
-    """Run a stage's ``main``; a user error prints one ``error: ...`` line (rank 0) and exits with status 1.
+    """Run a stage's ``main``; a user error prints one ``error: ...`` line and exits with status 1.
 
     Set ``STL_DEBUG=1`` to get the full traceback instead.
     """
@@ -30,7 +30,8 @@ def run_stage(main: Callable[[], object]) -> None:
     except USER_ERRORS as e:
         if os.environ.get("STL_DEBUG"):
             raise
-        main_print(f"error: {e}", file=sys.stderr)
+        rank = get_rank()  # every rank reports: an error on rank 1 alone must not exit silently
+        print(f"error: {e}" if rank == 0 else f"error [rank {rank}]: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

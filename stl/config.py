@@ -308,6 +308,14 @@ def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def settings_key(cfg: Config) -> str:
+    """A short hash of every setting: an interrupted stage's MLflow run is reopened only with the same."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(to_flat_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
 def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, Any, str]]:
     """(key, default, help) for every key: the README's params table is generated from this."""
     rows: list[tuple[str, Any, str]] = []

@@ -61,9 +61,11 @@ class TracedOutputs(nn.Module):
 
 
 def default_export_path(model_path: str | Path, fmt: str) -> Path:
-    """``model.pt`` -> ``model.torchscript.pt`` / ``model.onnx`` beside it."""
+    """``models/student/model.pt`` -> ``exports/student-model.onnx`` (or ``.torchscript.pt``): outside the
+    DVC outputs, which a later ``dvc repro`` or checkout would replace."""
     model_path = Path(model_path)
-    return model_path.with_name(model_path.stem + _SUFFIX[fmt])
+    prefix = f"{model_path.parent.name}-" if model_path.parent.name else ""
+    return Path("exports") / f"{prefix}{model_path.stem}{_SUFFIX[fmt]}"
 
 
 def _require_onnx() -> None:

@@ -21,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from stl.distributed import is_main_process
+from stl.distributed import is_main_process, main_print
 from stl.io import write_json_atomic
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
@@ -98,73 +98,64 @@ class Tracker:
 
     # --- creation -------------------------------------------------------------------------------------------
     @classmethod
-    def create(
-        cls,
-        *,
-        experiment: str,
-        configured_uri: str = "",
-        run_name: str | None = None,
-        tags: dict[str, str] | None = None,
-        resume_file: Path | None = None,
-    ) -> Tracker:
+    def create(cls, *, experiment: str, configured_uri: str = "", run_name: str | None = None,
+               tags: dict[str, str] | None = None, resume_file: Path | None = None,
+               settings_key: str = "") -> Tracker:
         """Start a run (rank 0) and return a tracker; other ranks get an inactive one.
 
         ``resume_file`` names a file in a persisted folder: when it holds a run that did not finish (the stage
-        was interrupted), that run is reopened instead of starting a new one.
+        was interrupted) and was made with the same ``settings_key`` (a hash of the params), that run is
+        reopened instead of starting a new one; a failed run with other settings is left alone.
         """
         uri = resolve_tracking_uri(configured_uri)
         if not is_main_process():
             return cls(None, uri)
         check_tracking_server(uri)
+        resumed = cls._reopen_unfinished(resume_file, uri, settings_key)
+        if resumed is not None:
+            return resumed
+        return cls._new_run(uri, experiment, run_name, tags, resume_file, settings_key)
+
+    @classmethod
+    def _new_run(cls, uri: str, experiment: str, run_name: str | None, tags: dict[str, str] | None,
+                 resume_file: Path | None, settings_key: str) -> Tracker:
         from mlflow import MlflowClient
 
         client = MlflowClient(tracking_uri=uri)
         exp = client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+        if exp is not None:
+            exp_id = exp.experiment_id
+        else:
+            # A local store keeps artifacts in the project, never in the cwd of a temp experiment copy.
+            location = None if uri.startswith(("http://", "https://", "databricks")) else \
+                (project_root() / "mlartifacts").as_uri()
+            exp_id = client.create_experiment(experiment, artifact_location=location)
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-        resumed = cls._reopen_unfinished(resume_file, uri)
-        if resumed is not None:
-            return resumed
         all_tags = {"mlflow.source.git.commit": _git_commit(), **(tags or {})}
         if os.environ.get("DVC_EXP_NAME"):
             all_tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-        run = client.create_run(
-            exp_id,
-            run_name=run_name or os.environ.get("DVC_EXP_NAME"),
-            tags={k: v for k, v in all_tags.items() if v},
-        )
+        run = client.create_run(exp_id, run_name=run_name or os.environ.get("DVC_EXP_NAME"),
+                                tags={k: v for k, v in all_tags.items() if v})
         tracker = cls(run.info.run_id, uri, exp_id)
         if resume_file is not None:
-            tracker.save(resume_file)
+            tracker.save(resume_file, settings_key)
         return tracker
 
     @classmethod
-    def open(cls, run_file: Path) -> Tracker:
-        """Reopen the pipeline's run recorded by an earlier stage in ``run_file``."""
-        if not run_file.is_file():
-            raise TrackingError(f"{run_file}: no MLflow run file; run the training stage first (dvc repro)")
-        info = json.loads(run_file.read_text())
-        if not is_main_process():
-            return cls(None, info["uri"])
-        check_tracking_server(info["uri"])
-        tracker = cls(info["run_id"], info["uri"], info.get("experiment_id"))
-        tracker._client.update_run(info["run_id"], status="RUNNING")
-        return tracker
-
-    @classmethod
-    def _reopen_unfinished(cls, resume_file: Path | None, uri: str) -> Tracker | None:
-        """The run recorded in ``resume_file`` if it did not finish (its stage was interrupted), reopened."""
+    def _reopen_unfinished(cls, resume_file: Path | None, uri: str, settings_key: str) -> Tracker | None:
+        """The run in ``resume_file`` if it did not finish and has these settings (an interrupted stage)."""
         if resume_file is None or not resume_file.is_file():
             return None
         info = json.loads(resume_file.read_text())
-        if info.get("uri") != uri:
+        if info.get("uri") != uri or info.get("settings_key", "") != settings_key:
             return None
         from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
 
         client = MlflowClient(tracking_uri=uri)
         try:
             run = client.get_run(info["run_id"])
-        except Exception:  # noqa: BLE001 - a deleted run simply means: start a new one
+        except MlflowException:  # deleted: start a new one
             return None
         if run.info.status == "FINISHED":
             return None
@@ -172,42 +163,41 @@ class Tracker:
         return cls(run.info.run_id, uri, run.info.experiment_id)
 
     @classmethod
-    def continue_run(cls, run_file: Path, *, claim_tag: str, resume_file: Path) -> Tracker:
+    def continue_run(cls, run_file: Path, *, claim_tag: str, resume_file: Path | None = None,
+                     settings_key: str = "") -> Tracker:
         """Continue the run an earlier stage of this pipeline run started, or start a linked one.
 
         A stage re-run after an interruption reopens its own unfinished run (``resume_file``). Otherwise the
-        run in ``run_file`` is continued unless it already carries ``claim_tag`` (this stage ran in it
-        before: the earlier stage was cached and this is a new pipeline run); then a new run is started in
-        the same experiment, tagged with the earlier run's id.
+        run in ``run_file`` is continued unless it already carries ``claim_tag`` (this stage already ran in
+        it: the earlier stages were cached and this is a new pipeline run); then a new run is started in the
+        same experiment and store, tagged ``stl.previous_run_id`` with the earlier run's id.
         """
         if not run_file.is_file():
             raise TrackingError(f"{run_file}: no MLflow run file; run the earlier stages first (dvc repro)")
         info = json.loads(run_file.read_text())
+        uri = info["uri"]
         if not is_main_process():
-            return cls(None, info["uri"])
-        resumed = cls._reopen_unfinished(resume_file, info["uri"])
+            return cls(None, uri)
+        check_tracking_server(uri)
+        resumed = cls._reopen_unfinished(resume_file, uri, settings_key)
         if resumed is not None:
             return resumed
-        tracker = cls.open(run_file)
-        if claim_tag not in tracker.get_tags():
-            tracker.save(resume_file)
+        tracker = cls(info["run_id"], uri, info.get("experiment_id"))
+        tags = tracker.get_tags()
+        if claim_tag not in tags:
+            tracker._client.update_run(tracker.run_id, status="RUNNING")
+            if resume_file is not None:
+                tracker.save(resume_file, settings_key)
             return tracker
-        tracker.finish()
-        from mlflow import MlflowClient
+        experiment = tracker._client.get_experiment(info["experiment_id"]).name
+        return cls._new_run(uri, experiment, None, {"stl.previous_run_id": info["run_id"]}, resume_file,
+                            settings_key)
 
-        exp = MlflowClient(tracking_uri=info["uri"]).get_experiment(info["experiment_id"])
-        new = cls.create(
-            experiment=exp.name, configured_uri=info["uri"], tags={"stl.labeler_run_id": info["run_id"]}
-        )
-        new.save(resume_file)
-        return new
-
-    def save(self, run_file: Path) -> None:
+    def save(self, run_file: Path, settings_key: str = "") -> None:
         """Record the run id (rank 0) so the next stages reopen the same run."""
         if self.active:
-            write_json_atomic(
-                run_file, {"run_id": self.run_id, "uri": self.uri, "experiment_id": self.experiment_id}
-            )
+            write_json_atomic(run_file, {"run_id": self.run_id, "uri": self.uri,
+                                         "experiment_id": self.experiment_id, "settings_key": settings_key})
 
     def finish(self, failed: bool = False) -> None:
         if self.active:
@@ -237,6 +227,11 @@ class Tracker:
         from mlflow.entities import Param
 
         have = self._client.get_run(self.run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in have and have[k] != str(v)[:6000])
+        if changed:  # MLflow cannot re-log a param; keep the run honest about it
+            main_print(f"note: MLflow run {self.run_id} keeps its logged values of {', '.join(changed)}; "
+                       "these settings differ in this stage (see the stl.changed_params tag)")
+            self.set_tags({"stl.changed_params": ",".join(changed)[:5000]})
         new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
         for i in range(0, len(new), 100):
             self._client.log_batch(self.run_id, params=new[i : i + 100])

@@ -212,8 +212,8 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(fixture, request, tmp_
 
 
 def test_export_default_path_and_failures_leave_nothing(token_model, tmp_path, monkeypatch):
-    assert default_export_path(Path("a/model.pt"), "onnx") == Path("a/model.onnx")
-    assert default_export_path(Path("a/labeler.pt"), "torchscript") == Path("a/labeler.torchscript.pt")
+    assert default_export_path(Path("a/model.pt"), "onnx") == Path("exports/a-model.onnx")
+    assert default_export_path(Path("labeler.pt"), "torchscript") == Path("exports/labeler.torchscript.pt")
     out = tmp_path / "out" / "m.pt"
     with pytest.raises(ExportError, match="differs from PyTorch"):
         export_trained_model(token_model, "torchscript", out, tolerance=-1.0)

@@ -15,6 +15,13 @@ def test_every_params_key_is_documented_and_params_yaml_has_exactly_the_config_k
     keys = [k for k, _, _ in describe_keys()]
     missing = [k for k in keys if f"`{k}`" not in README]
     assert not missing, f"README lacks params keys: {missing}"
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for key in keys:  # the table shows the committed value of every scalar key
+        value = params
+        for part in key.split("."):
+            value = value[part]
+        if not isinstance(value, list):
+            assert f"| `{key}` | `{value if value != '' else chr(39) * 2}` |" in README, key
 
     def flat(d: dict, prefix: str = "") -> list[str]:
         out = []

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from stl.io import write_bytes_atomic
 from stl.report.figures import (
     figure_png,
     plot_confusion_matrix,
@@ -74,6 +75,15 @@ def _token_map_figures(eval_dir: Path, raw_dir: Path) -> list[dict[str, Any]]:
     return items
 
 
+def _save_figures(figures: Mapping[str, Path | bytes], out_dir: Path) -> None:
+    """Each figure as ``out_dir/<slug>.png``."""
+    import re
+
+    for name, fig in figures.items():
+        slug = re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+        write_bytes_atomic(out_dir / f"{slug}.png", fig if isinstance(fig, bytes) else Path(fig).read_bytes())
+
+
 def build_report(
     *,
     out_path: Path,
@@ -85,8 +95,10 @@ def build_report(
     summary: Mapping[str, Any],
     samples: int = 16,
     title: str = "STL training report",
+    figures_dir: Path | None = None,
 ) -> Path:
-    """Write the self-contained report to ``out_path`` from the outputs of the earlier stages."""
+    """Write the self-contained report to ``out_path`` from the outputs of the earlier stages (and, with
+    ``figures_dir``, every figure as a PNG file for MLflow)."""
     evaluation = _read_json(eval_dir / "evaluation.json")
     if evaluation is None:
         raise FileNotFoundError(f"{eval_dir / 'evaluation.json'}: run the evaluate stage first (dvc repro)")
@@ -111,6 +123,8 @@ def build_report(
         )
     if (eval_dir / "robustness_heatmap.png").is_file():
         figures["robustness (ImageNet-C style corruptions, top-1)"] = eval_dir / "robustness_heatmap.png"
+    if figures_dir is not None:
+        _save_figures(figures, figures_dir)
     return render_report(
         out_path,
         title=title,

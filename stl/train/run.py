@@ -190,13 +190,25 @@ def load_labeler(path: str | Path, device: str | torch.device, num_classes: int,
     return labeler
 
 
+_LABELER_KEYS = ("enabled", "labeler", "labeler_epochs", "aux_weight")
+
+
+def _phase_stl_settings(phase: str, stl: StlConfig | None) -> dict[str, Any] | None:
+    """The STL keys that change this phase's weights: the labeler ignores the student-only keys, so changing
+    e.g. ``stl.dense_weight`` does not retrain phase 1 (dvc.yaml lists the same keys for train_labeler)."""
+    if stl is None or phase == "supervised":
+        return None
+    keys = dataclasses.asdict(stl)
+    return {k: keys[k] for k in _LABELER_KEYS} if phase == "labeler" else keys
+
+
 def _settings(phase: str, model_name: str, opts: TrainConfig, epochs: int, seed: int, world: int,
               device: torch.device, stl: StlConfig | None) -> dict[str, Any]:
     opts_d = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _NOT_FINGERPRINTED}
     return {
         "phase": phase, "model_name": model_name, "epochs": epochs, "seed": seed, "world_size": world,
         "device": device.type, "train": opts_d,
-        "stl": dataclasses.asdict(stl) if (stl is not None and phase != "supervised") else None,
+        "stl": _phase_stl_settings(phase, stl),
     }
 
 

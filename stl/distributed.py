@@ -61,7 +61,8 @@ def init_distributed(device: str = "auto", threads: int = 0) -> DistInfo:
     else:
         raise ValueError(f"unknown device {device!r}; use auto, cpu or cuda")
     if dev.type == "cpu":
-        n = threads or max(1, (os.cpu_count() or 1) // max(1, local_world))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = threads or max(1, cores // max(1, local_world))
         torch.set_num_threads(n)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

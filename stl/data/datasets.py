@@ -183,13 +183,15 @@ def create_transforms(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
     crop_pct: float = 1.0,
-    color_jitter: float = 0.4,
+    color_jitter: float = 0.0,
 ) -> Callable:
     """Build the train or eval transform (PIL RGB image -> normalized tensor) with timm's factory.
 
     Train: random resized crop (scale `scale_min`..1), horizontal flip, RandAugment when `auto_augment` is a
     timm string such as 'rand-m9-mstd0.5-inc1' (timm then skips colour jitter), random erasing with
-    per-pixel noise. Eval: resize the short side to floor(img_size / crop_pct), center crop img_size.
+    per-pixel noise. Colour jitter is off by default (timm's 0.4 would apply only without RandAugment, and
+    the STL student's paired transform has none), so every phase sees the same augmentations.
+    Eval: resize the short side to floor(img_size / crop_pct), center crop img_size.
     """
     if not isinstance(img_size, int) or img_size < 1:
         raise ValueError(f"img_size must be a positive integer, got {img_size!r}")

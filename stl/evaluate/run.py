@@ -72,6 +72,19 @@ def _display_image(path: Path, img_size: int) -> Image.Image:
     return TF.center_crop(image, img_size)
 
 
+class _LazyImages(Sequence):
+    """Test images decoded on first access, so a robustness sample cap does not decode the whole split."""
+
+    def __init__(self, paths: Sequence[Path], img_size: int) -> None:
+        self.paths, self.img_size = list(paths), img_size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Image.Image:  # type: ignore[override]
+        return _display_image(self.paths[i], self.img_size)
+
+
 def evaluate_model(
     *,
     model_path: Path,
@@ -122,7 +135,7 @@ def evaluate_model(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if robustness:
-        images = [_display_image(p, img_size) for p in dataset.paths]
+        images = _LazyImages(dataset.paths, img_size)  # only the sampled subset is decoded
         normalise = create_transforms(img_size, train=False, mean=mean, std=std)
         use_fused = "fused_logits" in pred
 

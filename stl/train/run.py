@@ -571,8 +571,9 @@ def import_labeler(path: str | Path, *, model_name: str, split_dir: Path, out_pa
     model_name = _resolve_name(model_name)
     labeler = load_labeler(path, info.device, len(classes), img_size, model_name=model_name)
     if is_main_process():
-        cfg = labeler.pretrained_cfg
+        cfg = getattr(labeler, "pretrained_cfg", None) or {}
         export_model(out_path, model_name=model_name, num_classes=len(classes), classes=classes,
                      img_size=img_size, state_dict=labeler.state_dict(), source="ema", epoch=-1,
-                     val_top1=float("nan"), phase="labeler", mean=cfg["mean"], std=cfg["std"])
+                     val_top1=float("nan"), phase="labeler", mean=cfg.get("mean", IMAGENET_DEFAULT_MEAN),
+                     std=cfg.get("std", IMAGENET_DEFAULT_STD))
     return {"imported": str(path), "model_name": model_name, "export": str(out_path)}

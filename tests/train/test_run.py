@@ -190,9 +190,6 @@ def test_bf16_finetune_without_ema(data, tmp_path: Path, capsys) -> None:
 
 
 def test_stl_labeler_then_student(data, tmp_path: Path) -> None:
-    pytest.importorskip("stl.train.losses")
-    pytest.importorskip("stl.train.token_labels")
-    pytest.importorskip("stl.data.stl_transforms")
     stl = dataclasses.replace(StlConfig(), labeler_epochs=1)
     tracker = _Recorder()
     lab = _train(data, tmp_path / "labeler", epochs=1, phase="labeler", model=TINY_TOKEN, stl=stl,
@@ -227,3 +224,21 @@ def test_load_labeler_published_checkpoint(tmp_path: Path) -> None:
         run_mod.load_labeler(path, "cpu", num_classes=5, img_size=32, model_name=TINY_TOKEN)
     with pytest.raises(FileNotFoundError, match="train_labeler"):
         run_mod.load_labeler(tmp_path / "nope.pt", "cpu", num_classes=2, img_size=32)
+
+
+def test_import_labeler_exports_a_published_labeler_for_the_student(data, tmp_path: Path) -> None:
+    """stl.labeler = a published file: validated and written as labeler.pt, which the student phase reads."""
+    import argparse
+
+    register_tiny_models()
+    split, _ = data
+    src = timm.create_model(TINY_TOKEN, num_classes=2, img_size=32)
+    path = tmp_path / "published.pth.tar"
+    torch.save({"state_dict_ema": src.state_dict(), "args": argparse.Namespace(model=TINY_TOKEN)}, path)
+    out = tmp_path / "labeler" / "labeler.pt"
+    run_mod.import_labeler(path, model_name=TINY_TOKEN, split_dir=split, out_path=out, img_size=32,
+                           device="cpu")
+    labeler = run_mod.load_labeler(out, "cpu", num_classes=2, img_size=32)
+    assert all(torch.equal(a, b) for a, b in zip(labeler.state_dict().values(), src.state_dict().values(),
+                                                 strict=True))
+    assert load_file(out)["phase"] == "labeler"

@@ -94,7 +94,8 @@ def test_predict_errors(model_file, images, tmp_path, capsys):
         main(["predict", str(model_file), str(images["good0"]), "--format", "xml"])
 
 
-def test_export_torchscript_and_onnx(model_file, tmp_path, capsys):
+def test_export_torchscript_and_onnx(model_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default output goes to ./exports/
     assert main(["export", str(model_file), "--format", "torchscript", "--output",
                  str(tmp_path / "m.pt")]) == 0
     out = capsys.readouterr().out
@@ -104,7 +105,8 @@ def test_export_torchscript_and_onnx(model_file, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     assert main(["export", str(model_file), "--format", "onnx", "--tokens", "--batch-size", "3"]) == 0
     out = capsys.readouterr().out
-    assert "(logits, token_logits)" in out and model_file.with_suffix(".onnx").is_file()
+    default = tmp_path / "exports" / f"{model_file.parent.name}-model.onnx"
+    assert "(logits, token_logits)" in out and default.is_file()
     assert float(out.split("vs PyTorch: ")[1].split()[0]) < 1e-4
 
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 from stl.cli import run_stage
 from stl.config import load_config, settings_key, to_flat_dict
-from stl.distributed import cleanup_distributed, is_main_process
-from stl.io import write_json_atomic
+from stl.distributed import cleanup_distributed
 from stl.tracking import Tracker
 from stl.train.run import import_labeler, train_model
 
@@ -57,9 +56,7 @@ def main() -> None:
                 checkpoint_dir=CHECKPOINTS,
             )
         tracker.set_tags({"stl.phase.labeler": "done"})
-    if is_main_process():
-        write_json_atomic(OUT / "summary.json", summary, default=str)
-        tracker.save(OUT / "mlflow_run.json", key)
+    tracker.record_stage(OUT, summary, key)
     cleanup_distributed()
 
 

@@ -199,6 +199,12 @@ class Tracker:
             write_json_atomic(run_file, {"run_id": self.run_id, "uri": self.uri,
                                          "experiment_id": self.experiment_id, "settings_key": settings_key})
 
+    def record_stage(self, out_dir: Path, summary: dict[str, Any], settings_key: str = "") -> None:
+        """Rank 0: a training stage's ``summary.json`` and the run file the next stage continues."""
+        if self.active:
+            write_json_atomic(out_dir / "summary.json", summary, default=str)
+            self.save(out_dir / "mlflow_run.json", settings_key)
+
     def finish(self, failed: bool = False) -> None:
         if self.active:
             self._client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")

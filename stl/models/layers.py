@@ -102,8 +102,9 @@ class PositionalEncodingFourier(nn.Module):
         self._cache: dict[tuple, torch.Tensor] = {}
 
     def _features(self, H: int, W: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        compiling = torch.compiler.is_compiling()  # a traced graph computes them itself: no cached tensor
         key = (H, W, device, dtype)
-        feats = self._cache.get(key)
+        feats = None if compiling else self._cache.get(key)
         if feats is not None:
             return feats
         # built outside inference mode / autograd so a cached tensor is usable in any later mode
@@ -124,6 +125,8 @@ class PositionalEncodingFourier(nn.Module):
                 [pos_y[:, None, :].expand(H, W, -1), pos_x[None, :, :].expand(H, W, -1)], dim=2
             ).reshape(H * W, 2 * self.hidden_dim)
             feats = feats.to(dtype)
+        if compiling:
+            return feats
         if len(self._cache) >= _FOURIER_CACHE_SIZE:
             self._cache.pop(next(iter(self._cache)))
         self._cache[key] = feats

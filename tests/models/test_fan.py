@@ -121,6 +121,21 @@ def test_bf16_autocast_forward_backward(make_tiny: MakeTiny, kind: str) -> None:
     assert (out[0] if isinstance(out, tuple) else out).dtype == torch.bfloat16
 
 
+def test_compiled_model_trains_after_inference_mode_eval(make_tiny: MakeTiny) -> None:
+    # torch.compile (as train.compile does) must not capture the cached positional features of an
+    # inference_mode forward: they would be inference tensors saved for backward in the training graph
+    model = make_tiny("vit")
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + autograd tracing, no C++ build
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        expected = model.eval()(x)
+        torch.testing.assert_close(compiled(x), expected)
+    model.train()
+    loss = compiled(x).sum()
+    loss.backward()
+    assert all(p.grad is not None for p in model.patch_embed.parameters())
+
+
 def test_deepcopy_and_pickle_keep_working(make_tiny: MakeTiny) -> None:
     model = make_tiny("token").eval()
     x = torch.randn(1, 3, 32, 32)

@@ -63,7 +63,8 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     model, meta = load_trained_model(args.model, device)
     rows = predict_files(model, meta, files, topk=args.topk, batch_size=args.batch_size, device=device,
-                         workers=args.workers, fused=args.fused)
+                         workers=args.workers, fused=args.fused,
+                         **({} if args.fused_weight is None else {"fused_weight": args.fused_weight}))
     failed = sum(bool(r["error"]) for r in rows)
     if failed == len(rows):
         raise RuntimeError(f"none of the {len(rows)} file(s) could be read as an image (reasons above); "
@@ -111,8 +112,11 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="output format (default: json for an --output ending in .json, else csv)")
     p.add_argument("--output", default=None, help="write here (atomically) instead of stdout")
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="token models: class token + 0.5 * max over tokens of the aux head (default); "
+                   help="token models: class token + W * max over tokens of the aux head (default); "
                         "--no-fused: class token only")
+    p.add_argument("--fused-weight", type=float, default=None, metavar="W",
+                   help="W of --fused (default 0.5, the STL reference's); give the run's "
+                        "evaluate.fused_weight to predict as its evaluate stage scored")
     p.set_defaults(fn=_cmd_predict)
 
     e = sub.add_parser("export", help="export a trained model to TorchScript or ONNX, checked vs PyTorch",

@@ -75,6 +75,23 @@ def test_predict_json_output_file_fused_and_no_fused(model_file, images, tmp_pat
     assert json.loads(capsys.readouterr().out)[0]["path"] == files[0]
 
 
+def test_predict_fused_weight(model_file, images, capsys):
+    # the weight the evaluate stage scored with (evaluate.fused_weight) reproduces its predictions
+    image = images["good2"]
+    probs = {}
+    for weight in (0.0, 3.0):
+        args = ["predict", str(model_file), str(image), "--format", "json", "--fused-weight", str(weight)]
+        assert main(args) == 0
+        top = json.loads(capsys.readouterr().out)[0]["predictions"][0]
+        direct = direct_probs(model_file, image, weight=weight)
+        assert top["class"] == CLASSES[int(direct.argmax())]
+        assert top["prob"] == pytest.approx(float(direct.max()), abs=2e-6)
+        probs[weight] = top["prob"]
+    assert probs[0.0] != probs[3.0]
+    cls_only = direct_probs(model_file, image, fused=False)
+    assert probs[0.0] == pytest.approx(float(cls_only.max()), abs=2e-6)  # weight 0: the class token alone
+
+
 def test_predict_errors(model_file, images, tmp_path, capsys):
     assert main(["predict", str(model_file), str(images["good0"]), str(tmp_path / "missing")]) == 1
     assert "missing: no such file or folder" in capsys.readouterr().err

@@ -66,14 +66,14 @@ def write_images(folder: Path) -> dict[str, Path]:
     return files
 
 
-def direct_probs(model_path: Path, image: Path, fused: bool = True) -> torch.Tensor:
+def direct_probs(model_path: Path, image: Path, fused: bool = True, weight: float = 0.5) -> torch.Tensor:
     """Softmax of a plain model call on the eval-transformed image: what predict must reproduce."""
     model, meta = load_trained_model(model_path)
     x = create_transforms(32, train=False, mean=meta["mean"], std=meta["std"])(load_image_rgb(image))
     with torch.no_grad():
         out = model(x.unsqueeze(0))
     if isinstance(out, tuple):
-        out = out[0] + 0.5 * out[1].amax(dim=1) if fused else out[0]
+        out = out[0] + weight * out[1].amax(dim=1) if fused else out[0]
     return out.softmax(-1)[0]
 
 

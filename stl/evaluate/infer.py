@@ -27,11 +27,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from stl.data import IMAGE_EXTENSIONS, create_transforms, load_image_rgb
-from stl.evaluate.predict import _split_output
+from stl.models.outputs import FUSED_WEIGHT, prediction_logits
 
 __all__ = ["find_images", "format_predictions", "predict_files", "resolve_device"]
-
-FUSED_WEIGHT = 0.5
 
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], int]:
@@ -142,10 +140,7 @@ def predict_files(
                 if progress:
                     tqdm.write(f"warning: {files[i]}: not readable as an image ({err})", file=sys.stderr)
             if images is not None:
-                cls, aux = _split_output(model(images.to(device)))
-                logits = cls.float()
-                if aux is not None and fused:
-                    logits = logits + fused_weight * aux.float().amax(dim=1)
+                logits = prediction_logits(model(images.to(device)), fused_weight if fused else None)
                 probs, idx = logits.softmax(-1).topk(k, dim=-1)
                 for i, p_row, c_row in zip(indices, probs.cpu().tolist(), idx.cpu().tolist(), strict=True):
                     rows[i]["predictions"] = [(classes[c], p) for c, p in zip(c_row, p_row, strict=True)]

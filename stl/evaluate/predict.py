@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, SequentialSampler
 
 from stl.distributed import gather_objects, get_rank, get_world_size
+from stl.models.outputs import FUSED_WEIGHT, fused_logits, split_outputs
 
 
 class ShardSampler(Sampler[int]):
@@ -52,7 +53,8 @@ def shard_loader(dataset: Dataset, batch_size: int, workers: int, *, rank: int |
 
 
 def predict_shard(model: nn.Module, loader: DataLoader, device: torch.device | str,
-                  amp_dtype: torch.dtype | None = None, fused_weight: float = 0.5) -> dict[str, np.ndarray]:
+                  amp_dtype: torch.dtype | None = None,
+                  fused_weight: float = FUSED_WEIGHT) -> dict[str, np.ndarray]:
     """This rank's predictions: ``indices`` (global, from the loader's sampler), ``labels``, ``logits`` and,
     for token models, ``fused_logits``; all numpy, logits float32.
 
@@ -82,7 +84,7 @@ def predict_shard(model: nn.Module, loader: DataLoader, device: torch.device | s
                 images = images.to(device, non_blocking=True)
                 with torch.autocast(device_type=device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = net(images)
-                cls, aux = _split_output(out)
+                cls, aux = split_outputs(out)
                 if token_model is None:
                     token_model = aux is not None
                 elif token_model != (aux is not None):
@@ -90,7 +92,7 @@ def predict_shard(model: nn.Module, loader: DataLoader, device: torch.device | s
                 cls = cls.float()
                 logits.append(cls.cpu().numpy())
                 if aux is not None:
-                    fused.append((cls + fused_weight * aux.float().amax(dim=1)).cpu().numpy())
+                    fused.append(fused_logits(cls, aux, fused_weight).cpu().numpy())
                 labels.append(torch.as_tensor(target).reshape(-1).cpu().numpy().astype(np.int64))
     finally:
         net.train(was_training)
@@ -132,7 +134,8 @@ def merge_shards(shards: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarra
 
 
 def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | str,
-                   amp_dtype: torch.dtype | None = None, fused_weight: float = 0.5) -> dict[str, np.ndarray]:
+                   amp_dtype: torch.dtype | None = None,
+                  fused_weight: float = FUSED_WEIGHT) -> dict[str, np.ndarray]:
     """Predictions for the whole dataset in dataset order, on every rank: ``labels [N]``, ``logits [N, K]``
     and, for token models, ``fused_logits [N, K]`` (``cls + fused_weight * max over tokens of aux``).
 
@@ -140,18 +143,3 @@ def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | 
     """
     shard = predict_shard(model, loader, device, amp_dtype=amp_dtype, fused_weight=fused_weight)
     return merge_shards(gather_objects(shard))
-
-
-def _split_output(out: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(cls, aux)`` of a token model's tuple, or ``(logits, None)``."""
-    if isinstance(out, torch.Tensor):
-        if out.ndim != 2:
-            raise ValueError(f"predict: model output of shape {tuple(out.shape)}, expected [B, K]")
-        return out, None
-    if isinstance(out, (tuple, list)) and len(out) == 2:
-        cls, aux = out
-        if cls.ndim == 2 and aux.ndim == 3 and aux.shape[0] == cls.shape[0] and aux.shape[2] == cls.shape[1]:
-            return cls, aux
-    shapes = [tuple(o.shape) for o in out] if isinstance(out, (tuple, list)) else type(out).__name__
-    raise ValueError(f"predict: unexpected model output {shapes}; expected [B, K] logits or a token model's "
-                     "(cls [B, K], aux [B, N, K])")

@@ -25,6 +25,7 @@ from stl.evaluate.metrics import compute_metrics, scalar_metrics, softmax, write
 from stl.evaluate.predict import predict_logits, shard_loader
 from stl.evaluate.robustness import evaluate_robustness, robustness_metrics, write_robustness
 from stl.models import is_token_model, load_trained_model
+from stl.models.outputs import FUSED_WEIGHT, prediction_logits, token_grid
 
 
 def token_map(model: torch.nn.Module, image: torch.Tensor) -> dict[str, Any]:
@@ -33,11 +34,7 @@ def token_map(model: torch.nn.Module, image: torch.Tensor) -> dict[str, Any]:
         _, aux = model(image.unsqueeze(0))
     probs = aux.float().softmax(-1)[0]  # [N, K]
     conf, cls = probs.max(-1)
-    n = probs.shape[0]
-    h = w = int(round(n**0.5))
-    if h * w != n:  # non-square inputs: infer the grid from the image's aspect ratio
-        h = int(round((n * image.shape[-2] / image.shape[-1]) ** 0.5))
-        w = n // h
+    h, w = token_grid(tuple(image.shape[-2:]), probs.shape[0])
     return {"classes": cls.reshape(h, w).tolist(), "confidence": conf.reshape(h, w).tolist()}
 
 
@@ -49,7 +46,11 @@ class ProbabilityModel(torch.nn.Module):
     """
 
     def __init__(
-        self, model: torch.nn.Module, mean: Sequence[float], std: Sequence[float], fused_weight: float = 0.5
+        self,
+        model: torch.nn.Module,
+        mean: Sequence[float],
+        std: Sequence[float],
+        fused_weight: float = FUSED_WEIGHT,
     ) -> None:
         super().__init__()
         self.model = model.eval()
@@ -59,10 +60,7 @@ class ProbabilityModel(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.model((images.float() - self.mean) / self.std)
-        if isinstance(out, tuple):
-            cls, aux = out
-            out = cls + self.fused_weight * aux.amax(dim=1)
-        return out.softmax(-1)
+        return prediction_logits(out, self.fused_weight).softmax(-1)
 
 
 def _display_image(path: Path, img_size: int) -> Image.Image:
@@ -137,16 +135,12 @@ def evaluate_model(
     if robustness:
         images = _LazyImages(dataset.paths, img_size)  # only the sampled subset is decoded
         normalise = create_transforms(img_size, train=False, mean=mean, std=std)
-        use_fused = "fused_logits" in pred
 
         def predict_fn(batch: list[Image.Image]) -> np.ndarray:
             x = torch.stack([normalise(im) for im in batch]).to(info.device)
             with torch.inference_mode():
-                out = model(x)
-            if isinstance(out, tuple):
-                cls, aux = out
-                out = cls + fused_weight * aux.amax(dim=1) if use_fused else cls
-            return out.argmax(-1).cpu().numpy()
+                logits = prediction_logits(model(x), fused_weight)
+            return logits.argmax(-1).cpu().numpy()
 
         main_print(f"robustness: {len(corruptions)} corruptions x {len(severities)} severities")
         result = evaluate_robustness(

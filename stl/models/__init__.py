@@ -10,6 +10,7 @@ Typical use (the labeler checkpoint's 1000-class heads are dropped for a 5-class
 from . import fan, fan_swin  # noqa: F401  (registration side effect)
 from .checkpoint import load_checkpoint, read_checkpoint
 from .fan import FAN
+from .outputs import FUSED_WEIGHT, fused_logits, prediction_logits, split_outputs, token_grid
 from .registry import (
     MODEL_ALIASES,
     is_token_model,
@@ -22,15 +23,20 @@ from .trained import CheckpointError, export_model, load_trained_model
 
 __all__ = [
     "FAN",
+    "FUSED_WEIGHT",
     "CheckpointError",
     "MODEL_ALIASES",
     "export_model",
+    "fused_logits",
     "is_token_model",
     "list_models",
     "load_checkpoint",
     "load_trained_model",
     "models_markdown_table",
+    "prediction_logits",
     "read_checkpoint",
     "resolve_model_name",
+    "split_outputs",
+    "token_grid",
     "token_variant",
 ]

@@ -12,7 +12,6 @@ corrupted update is applied).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterable
 from contextlib import nullcontext
@@ -27,29 +26,13 @@ from torch import nn
 from tqdm import tqdm
 
 from stl.distributed import all_reduce_sum, get_world_size, is_main_process
+from stl.models.outputs import split_outputs, token_grid
 
 PHASES = ("supervised", "labeler", "student")
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; raised on every rank at the same step."""
-
-
-def _split_outputs(outputs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(cls_logits, aux_logits or None) from a plain or a token model's output."""
-    if isinstance(outputs, (tuple, list)):
-        return outputs[0], outputs[1] if len(outputs) > 1 else None
-    return outputs, None
-
-
-def token_grid(image_hw: tuple[int, int], num_tokens: int) -> tuple[int, int]:
-    """The (h, w) token grid of a model that turned an ``image_hw`` input into ``num_tokens`` tokens."""
-    H, W = image_hw
-    stride = max(1, round(math.sqrt(H * W / num_tokens)))
-    h, w = H // stride, W // stride
-    if h * w != num_tokens:
-        raise ValueError(f"cannot infer the token grid: {num_tokens} tokens from a {H}x{W} input")
-    return h, w
 
 
 @dataclass
@@ -96,7 +79,7 @@ class PhaseLoss:
 
     def __call__(self, outputs: Any, target: torch.Tensor, teacher: torch.Tensor | None = None,
                  image_hw: tuple[int, int] | None = None) -> torch.Tensor:
-        cls_logits, aux_logits = _split_outputs(outputs)
+        cls_logits, aux_logits = split_outputs(outputs)
         if self.phase == "supervised":
             return self._base(cls_logits, target)
         if aux_logits is None:
@@ -124,7 +107,7 @@ class PhaseLoss:
         Each head that the phase trains gets its own sampled labels, with the phase's loss weights: cls
         logits always; the token-mean aux logits (labeler); every token's aux logits (student).
         """
-        cls_logits, aux_logits = _split_outputs(outputs)
+        cls_logits, aux_logits = split_outputs(outputs)
 
         def ce_sampled(logits: torch.Tensor) -> torch.Tensor:
             logits = logits.float().reshape(-1, logits.shape[-1])
@@ -295,7 +278,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, device: torch.device,
         x = _to(x, device, channels_last)
         labels = labels.to(device)
         with _autocast(device, amp_dtype):
-            logits, _ = _split_outputs(model(x))
+            logits, _ = split_outputs(model(x))
         logits = logits.float()
         totals[0] += (logits.argmax(1) == labels).sum().item()
         totals[1] += F.cross_entropy(logits, labels, reduction="sum").item()

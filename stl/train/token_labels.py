@@ -13,28 +13,15 @@ to the student grid before sampling, or the mismatch is refused (``grid_mismatch
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from stl.models.outputs import split_outputs, token_grid
+
 TOKEN_LABEL_MODES = ("gumbel", "argmax", "soft")
 GRID_MISMATCH_MODES = ("resample", "error")
-
-
-def _labeler_grid(image_hw: tuple[int, int], num_tokens: int) -> tuple[int, int]:
-    """The labeler's token grid (h, w) from the image size and its token count, assuming a square stride."""
-    height, width = image_hw
-    stride = math.sqrt(height * width / num_tokens) if num_tokens > 0 else 0.0
-    s = round(stride)
-    if s < 1 or abs(stride - s) > 1e-6 or height % s or width % s:
-        raise ValueError(
-            f"cannot infer the token labeler's grid: {num_tokens} aux tokens for a {height}x{width} teacher "
-            f"image is not a whole-pixel stride (sqrt(H*W/n) = {stride:.4g}); the labeler must be a *_token "
-            "FAN model whose stride divides the input size"
-        )
-    return height // s, width // s
 
 
 def _sample(logits: Tensor, mode: str, tau: float) -> Tensor:
@@ -83,20 +70,24 @@ def make_token_labels(labeler: nn.Module, teacher_images: Tensor, grid_hw: tuple
             out = labeler(teacher_images)
     finally:
         labeler.train(was_training)
-    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+    aux = split_outputs(out)[1] if isinstance(out, (tuple, list)) else None
+    if aux is None:
         raise TypeError("the token labeler must return (cls_logits, aux_logits): use a *_token FAN model")
 
     with torch.no_grad():
-        aux = out[1].detach().float()
+        aux = aux.detach().float()
         batch = teacher_images.shape[0]
-        if aux.dim() != 3 or aux.shape[0] != batch or aux.shape[-1] != num_classes:
+        if aux.shape[0] != batch or aux.shape[-1] != num_classes:
             raise ValueError(
                 f"token labeler aux_logits have shape {tuple(aux.shape)}, expected "
                 f"[B={batch}, n, K={num_classes}]; the labeler must be trained on the same classes as the "
                 "student"
             )
         img_h, img_w = teacher_images.shape[-2], teacher_images.shape[-1]
-        lab_h, lab_w = _labeler_grid((img_h, img_w), aux.shape[1])
+        try:
+            lab_h, lab_w = token_grid((img_h, img_w), aux.shape[1])
+        except ValueError as err:
+            raise ValueError(f"token labeler: {err}") from None
         if (lab_h, lab_w) != (grid_h, grid_w):
             if grid_mismatch == "error":
                 raise ValueError(

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from stl.train.engine import NonFiniteLossError, PhaseLoss, evaluate, token_grid, train_one_epoch
+from stl.train.engine import NonFiniteLossError, PhaseLoss, evaluate, train_one_epoch
 from stl.train.optim import create_optimizer
 
 
@@ -97,14 +97,6 @@ def test_phase_loss_targets_and_sampled_loss() -> None:
         lab(cls, soft)
     with pytest.raises(ValueError, match="labeler"):
         PhaseLoss(phase="student", num_classes=3, mixup_active=True)
-
-
-def test_token_grid() -> None:
-    assert token_grid((32, 32), 4) == (2, 2)
-    assert token_grid((224, 224), 196) == (14, 14)
-    assert token_grid((32, 64), 8) == (2, 4)
-    with pytest.raises(ValueError, match="token grid"):
-        token_grid((32, 32), 5)
 
 
 def test_evaluate_counts_every_image_once() -> None:

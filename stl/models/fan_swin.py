@@ -36,7 +36,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ChannelProcessing, init_fan_weights
+from .layers import ChannelProcessing, head_dim_of, init_fan_weights
 
 __all__ = ["FanSwinTransformer"]
 
@@ -117,8 +117,7 @@ class WindowAttention(nn.Module):
         proj_drop: float = 0.0,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        head_dim_of(dim, num_heads)  # checks the split
         self.num_heads = num_heads
         self.window_size = window_size  # the table's window; smaller windows use the centre of the table
         wh, ww = window_size

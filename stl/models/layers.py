@@ -34,6 +34,7 @@ __all__ = [
     "SEMlp",
     "SqueezeExcite",
     "TokenMixing",
+    "head_dim_of",
     "init_fan_weights",
 ]
 
@@ -58,6 +59,13 @@ def _init_conv_fan_out(module: nn.Module) -> None:
         nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def head_dim_of(dim: int, num_heads: int) -> int:
+    """Per-head width; a ``dim`` the heads do not divide is a configuration error naming both."""
+    if num_heads < 1 or dim % num_heads:
+        raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+    return dim // num_heads
 
 
 def _fold_out_scale(
@@ -289,10 +297,8 @@ class TokenMixing(nn.Module):
         proj_drop: float = 0.0,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of(dim, num_heads)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.attn_drop = attn_drop
@@ -335,8 +341,7 @@ class ChannelProcessing(nn.Module):
         dwconv_residual: bool = True,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        head_dim_of(dim, num_heads)  # checks the split
         self.num_heads = num_heads
         self.temperature = nn.Parameter(torch.ones(num_heads, 1, 1))
         self.mlp_v = FanMlp(dim, mlp_hidden_dim, drop=drop, dwconv_residual=dwconv_residual)
@@ -382,10 +387,8 @@ class ClassAttention(nn.Module):
         proj_drop: float = 0.0,
     ):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
-        self.head_dim = dim // num_heads
+        self.head_dim = head_dim_of(dim, num_heads)
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)
         self.v = nn.Linear(dim, dim, bias=qkv_bias)

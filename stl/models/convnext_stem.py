@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
+from .layers import linear_gelu_linear
+
 __all__ = ["ConvNeXtBlock", "ConvNeXtStage", "ConvNeXtStem", "HybridEmbed"]
 
 
@@ -61,11 +63,10 @@ class _ConvMlp(nn.Module):
 
     def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., C] channels-last; ``scale`` (the block's layer scale) is folded into fc2's weights."""
-        x = F.gelu(F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias))
         weight, bias = self.fc2.weight.flatten(1), self.fc2.bias
         if scale is not None:
             weight, bias = weight * scale[:, None], bias * scale
-        return F.linear(x, weight, bias)
+        return linear_gelu_linear(x, self.fc1.weight.flatten(1), self.fc1.bias, weight, bias)
 
 
 class ConvNeXtBlock(nn.Module):

@@ -31,12 +31,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
+from timm.layers import DropPath, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import ChannelProcessing, head_dim_of, init_fan_weights
+from .layers import ChannelProcessing, GeluMlp, head_dim_of, init_fan_weights
 
 __all__ = ["FanSwinTransformer"]
 
@@ -207,7 +207,7 @@ class FanSwinBlock(nn.Module):
                 drop=proj_drop, norm_layer=norm_layer, dwconv_residual=False,
             )
         else:
-            self.mlp = Mlp(dim, hidden, act_layer=nn.GELU, drop=proj_drop)
+            self.mlp = GeluMlp(dim, hidden, drop=proj_drop)
         self.register_buffer("attn_mask", self._build_mask(input_resolution))
 
     def _build_mask(self, feat_size: tuple[int, int]) -> torch.Tensor | None:

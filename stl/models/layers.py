@@ -17,7 +17,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "FANBlock",
     "FANBlockSE",
     "FanMlp",
+    "GeluMlp",
     "OverlapPatchEmbed",
     "PositionalEncodingFourier",
     "SEMlp",
@@ -36,6 +37,7 @@ __all__ = [
     "TokenMixing",
     "head_dim_of",
     "init_fan_weights",
+    "linear_gelu_linear",
 ]
 
 _FOURIER_CACHE_SIZE = 8
@@ -89,6 +91,82 @@ def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, H*W, C]; a view when x is channels-last, one copy otherwise."""
     B, C, H, W = x.shape
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
+
+
+class _LinearGeluLinear(torch.autograd.Function):
+    """``fc2(gelu(fc1(x)))`` on 2-D ``x``; its backward writes into the buffers of its saved activations.
+
+    Autograd's version allocates two new hidden-size tensors in backward (the grad of the GELU output and of
+    its input). On the CPU every large allocation is fresh memory from the OS, and its page faults cost more
+    than the arithmetic (2-3x on a 100 MB tensor). Here the hidden grad is written over the saved GELU output
+    (not needed once fc2's weight grad is taken) and the GELU backward over the saved pre-activation: the same
+    math and results, no new hidden-size memory. Not differentiable twice, and its graph can be run backward
+    once only (it consumes its saved tensors).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2):  # type: ignore[override]
+        pre = torch.addmm(b1, x, w1.t())
+        act = F.gelu(pre)
+        out = torch.addmm(b2, act, w2.t())
+        ctx.save_for_backward(x, w1, w2, pre, act)
+        ctx.consumed = False
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError(
+                "the fused ConvNeXt MLP's graph was run backward twice (retain_graph=True); its backward "
+                "reuses its saved activations. Run one backward per forward"
+            )
+        ctx.consumed = True
+        x, w1, w2, pre, act = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_w2 = grad_out.t().mm(act)
+        grad_b2 = grad_out.sum(0)
+        grad_act = torch.mm(grad_out, w2, out=act)  # act is no longer needed
+        grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_act, pre, grad_input=pre)
+        grad_w1 = grad_pre.t().mm(x)
+        grad_b1 = grad_pre.sum(0)
+        grad_x = grad_pre.mm(w1) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w1, grad_b1, grad_w2, grad_b2
+
+
+def linear_gelu_linear(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor
+) -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` over the last dim of ``x``, the same numbers (also
+    under autocast), with a backward that allocates no hidden-size memory (see ``_LinearGeluLinear``).
+
+    Without autograd (inference, ``no_grad``) the plain ops run."""
+    lead = x.shape[:-1]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))):
+        return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):  # autocast would cast every input of the two matmuls: do it here
+        dtype = torch.get_autocast_dtype(device)
+        x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    with torch.autocast(device, enabled=False):
+        out = _LinearGeluLinear.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
+    return out.view(*lead, out.shape[-1])
+
+
+class GeluMlp(nn.Module):
+    """fc1 -> GELU -> fc2 with dropout after each (timm's ``Mlp`` parameters and behaviour), computed by
+    :func:`linear_gelu_linear` whenever dropout is inactive."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.drop.p > 0.0:
+            return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+        return linear_gelu_linear(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
 
 
 class PositionalEncodingFourier(nn.Module):
@@ -432,7 +510,6 @@ class ClassAttentionBlock(nn.Module):
         drop: float = 0.0,
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
-        act_layer: type[nn.Module] = nn.GELU,
         norm_layer: type[nn.Module] = nn.LayerNorm,
         eta: float = 1.0,
         tokens_norm: bool = True,
@@ -442,7 +519,7 @@ class ClassAttentionBlock(nn.Module):
         self.attn = ClassAttention(dim, num_heads, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.mlp = GeluMlp(dim, int(dim * mlp_ratio), drop=drop)
         self.gamma1 = nn.Parameter(eta * torch.ones(dim))
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.tokens_norm = tokens_norm

@@ -283,6 +283,81 @@ class DWConv(nn.Module):
         return _image_to_tokens(x)
 
 
+class _FanMlpFunction(torch.autograd.Function):
+    """FanMlp's fc1 -> depthwise conv -> GELU -> BatchNorm -> depthwise conv (scaled) [+ residual] -> fc2.
+
+    The ops and results of the module's plain path; the backward reuses buffers the plain autograd graph would
+    allocate afresh: fc2's input grad goes into the saved fc2 input, the GELU backward into the saved conv
+    output, and the residual's two grads are summed in place (three hidden-size allocations instead of six; on
+    the CPU each fresh one is page-faulted in). Its graph can be run backward once (see _LinearGeluLinear).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, c1w, c1b, bn_w, bn_b, bn_mean, bn_var, c2w, c2b, w2, b2, meta):  # type: ignore[override]
+        H, W, residual, bn_training, momentum, eps = meta
+        B, N, _ = x.shape
+        hidden = w1.shape[0]
+        x2 = x.reshape(B * N, -1)
+        h = torch.addmm(b1, x2, w1.t())
+        h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
+        conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
+        c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
+        act = F.gelu(c1)
+        bn_out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+            act, bn_w, bn_b, bn_mean, bn_var, bn_training, momentum, eps
+        )
+        c2 = torch.ops.aten.convolution(bn_out, c2w, c2b, *conv)
+        s = c2.permute(0, 2, 3, 1).reshape(B * N, hidden)  # a view when the conv keeps channels-last
+        if residual:
+            s.add_(h)  # c2 is not saved: summing into it is safe
+        out = torch.addmm(b2, s, w2.t())
+        ctx.save_for_backward(x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out,
+                              c2w, s, w2)
+        ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv)
+        ctx.consumed = False
+        return out.view(B, N, -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.consumed:
+            raise RuntimeError(
+                "the fused FAN MLP's graph was run backward twice (retain_graph=True); its backward reuses "
+                "its saved activations. Run one backward per forward"
+            )
+        ctx.consumed = True
+        (x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out, c2w, s,
+         w2) = ctx.saved_tensors
+        B, N, H, W, hidden, residual, bn_training, eps, conv = ctx.meta
+        g = grad_out.reshape(B * N, -1)
+        grad_w2 = g.t().mm(s)
+        grad_b2 = g.sum(0)
+        grad_s = torch.mm(g, w2, out=s)  # fc2's input is no longer needed
+        grad_s_img = grad_s.view(B, H, W, hidden).permute(0, 3, 1, 2)
+        grad_bn_out, grad_c2w, grad_c2b = torch.ops.aten.convolution_backward(
+            grad_s_img, bn_out, c2w, [hidden], *conv, [True, True, True]
+        )
+        grad_act, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+            grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps,
+            [True, True, True],
+        )
+        del grad_bn_out
+        grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)
+        del grad_act
+        h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)
+        grad_h_img, grad_c1w, grad_c1b = torch.ops.aten.convolution_backward(
+            grad_c1, h_img, c1w, [hidden], *conv, [True, True, True]
+        )
+        grad_h = grad_h_img.permute(0, 2, 3, 1).reshape(B * N, hidden)
+        if residual:
+            grad_h = grad_s.add_(grad_h)
+        grad_w1 = grad_h.t().mm(x2)
+        grad_b1 = grad_h.sum(0)
+        grad_x = grad_h.mm(w1).view(B, N, -1) if ctx.needs_input_grad[0] else None
+        return (grad_x, grad_w1, grad_b1, grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, None, None, grad_c2w,
+                grad_c2b, grad_w2, grad_b2, None)
+
+
 class FanMlp(nn.Module):
     """The FAN MLP: fc1 -> (x + gamma * DWConv(x)) -> fc2. No activation outside the DWConv (as published).
 
@@ -310,10 +385,47 @@ class FanMlp(nn.Module):
         self.apply(_init_conv_fan_out)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self._use_fused(x):
+            return self._fused(x, H, W)
         x = self.fc1(x)
         y = self.drop(self.dwconv(x, H, W, scale=self.gamma))  # gamma * DWConv(x), folded into the conv
         x = y + x if self.dwconv_residual else y
         return self.drop(self.fc2(x))
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """The fused function serves training steps: autograd on, no active dropout, the GELU/BN layout."""
+        act, bn = self.dwconv.act, self.dwconv.bn
+        return (
+            torch.is_grad_enabled()
+            and (x.requires_grad or self.fc1.weight.requires_grad)
+            and not (self.training and self.drop.p > 0.0)
+            and type(act) is nn.GELU
+            and act.approximate == "none"
+            and bn.track_running_stats
+            and not torch.jit.is_scripting()
+        )
+
+    def _fused(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        dw, bn = self.dwconv, self.dwconv.bn
+        if x.shape[1] != H * W:
+            raise ValueError(f"token count {x.shape[1]} does not match the grid {H}x{W}")
+        momentum = 0.0
+        if bn.training:
+            bn.num_batches_tracked.add_(1)
+            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        c2w, c2b = _fold_out_scale(dw.conv2.weight, dw.conv2.bias, self.gamma)
+        matmul_args = [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
+        tail_args = [c2w, c2b, self.fc2.weight, self.fc2.bias]
+        device = x.device.type
+        if torch.is_autocast_enabled(device):  # autocast's casts for linear/conv; BN keeps its fp32 params
+            dtype = torch.get_autocast_dtype(device)
+            matmul_args = [t.to(dtype) for t in matmul_args]
+            tail_args = [t.to(dtype) for t in tail_args]
+        meta = (H, W, self.dwconv_residual, bn.training, momentum, bn.eps)
+        with torch.autocast(device, enabled=False):
+            return _FanMlpFunction.apply(
+                *matmul_args, bn.weight, bn.bias, bn.running_mean, bn.running_var, *tail_args, meta
+            )
 
 
 class SqueezeExcite(nn.Module):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from stl.models.layers import GeluMlp, head_dim_of, linear_gelu_linear
+from stl.models.layers import FanMlp, GeluMlp, head_dim_of, linear_gelu_linear
 
 
 def _plain(x, w1, b1, w2, b2):
@@ -89,3 +91,76 @@ def test_head_dim_of() -> None:
     for dim, heads in ((192, 5), (192, 0)):
         with pytest.raises(ValueError, match=f"dim {dim} is not divisible by num_heads {heads}"):
             head_dim_of(dim, heads)
+
+
+def _fan_mlp_pair(residual: bool, seed: int = 0) -> tuple[FanMlp, FanMlp]:
+    torch.manual_seed(seed)
+    fused = FanMlp(8, 24, dwconv_residual=residual)
+    with torch.no_grad():  # non-trivial BN and layer-scale parameters
+        fused.gamma.uniform_(0.5, 1.5)
+        fused.dwconv.bn.weight.uniform_(0.5, 1.5)
+        fused.dwconv.bn.bias.uniform_(-0.5, 0.5)
+    plain = copy.deepcopy(fused)
+    plain._use_fused = lambda x: False  # type: ignore[method-assign]
+    return fused, plain
+
+
+def _fan_mlp_step(mlp: FanMlp, x: torch.Tensor, grad_out: torch.Tensor, autocast: bool = False):
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = mlp(x, 3, 4)
+    out.backward(grad_out.to(out.dtype))
+    grads = {n: p.grad for n, p in mlp.named_parameters()}
+    return out.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("bn_train", [True, False])
+def test_fan_mlp_fused_training_path_matches_plain_ops(residual: bool, bn_train: bool) -> None:
+    fused, plain = _fan_mlp_pair(residual)
+    for m in (fused, plain):
+        m.train()
+        m.dwconv.bn.train(bn_train)
+    assert fused._use_fused(torch.ones(1, requires_grad=True))
+    x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    for _ in range(2):  # the running statistics and the step count advance identically
+        out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out)
+        out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out)
+        torch.testing.assert_close(out_f, out_p)
+        torch.testing.assert_close(gx_f, gx_p)
+        assert grads_f.keys() == grads_p.keys()
+        for name in grads_f:
+            torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+    for name, buf in fused.named_buffers():
+        torch.testing.assert_close(buf, dict(plain.named_buffers())[name], msg=name)
+
+
+def test_fan_mlp_fused_under_bf16_autocast() -> None:
+    fused, plain = _fan_mlp_pair(True)
+    x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out, autocast=True)
+    out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out, autocast=True)
+    assert out_f.dtype == out_p.dtype == torch.bfloat16
+    torch.testing.assert_close(out_f, out_p, rtol=0, atol=0)  # the same bf16 ops in the same order
+    torch.testing.assert_close(gx_f, gx_p, rtol=2e-2, atol=2e-2)
+    for name in grads_f:
+        assert grads_f[name].dtype == torch.float32
+        torch.testing.assert_close(grads_f[name], grads_p[name], rtol=3e-2, atol=3e-2, msg=name)
+
+
+def test_fan_mlp_uses_plain_ops_for_inference_and_dropout() -> None:
+    mlp = FanMlp(8, 24, drop=0.1).train()
+    x = torch.randn(1, 12, 8, requires_grad=True)
+    assert not mlp._use_fused(x)  # active dropout: the plain path draws the masks
+    mlp.eval()
+    assert mlp._use_fused(x)
+    with torch.no_grad():
+        assert not mlp._use_fused(x)
+
+
+def test_fan_mlp_fused_refuses_a_second_backward() -> None:
+    fused, _ = _fan_mlp_pair(True)
+    out = fused(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum()
+    out.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice"):
+        out.backward()

@@ -118,8 +118,8 @@ class _LinearGeluLinear(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         if ctx.consumed:
             raise RuntimeError(
-                "the fused ConvNeXt MLP's graph was run backward twice (retain_graph=True); its backward "
-                "reuses its saved activations. Run one backward per forward"
+                "the fused fc1-GELU-fc2 MLP's graph was run backward twice (retain_graph=True); its "
+                "backward reuses its saved activations. Run one backward per forward"
             )
         ctx.consumed = True
         x, w1, w2, pre, act = ctx.saved_tensors
@@ -140,9 +140,13 @@ def linear_gelu_linear(
     """``F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)`` over the last dim of ``x``, the same numbers (also
     under autocast), with a backward that allocates no hidden-size memory (see ``_LinearGeluLinear``).
 
-    Without autograd (inference, ``no_grad``) the plain ops run."""
+    Without autograd (inference, ``no_grad``) and under ``torch.compile`` (which plans memory itself) the
+    plain ops run."""
     lead = x.shape[:-1]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2))):
+    if (
+        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)))
+        or torch.compiler.is_compiling()
+    ):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
     device = x.device.type
     if torch.is_autocast_enabled(device):  # autocast would cast every input of the two matmuls: do it here
@@ -393,10 +397,12 @@ class FanMlp(nn.Module):
         return self.drop(self.fc2(x))
 
     def _use_fused(self, x: torch.Tensor) -> bool:
-        """The fused function serves training steps: autograd on, no active dropout, the GELU/BN layout."""
+        """The fused function serves eager training steps: autograd on, no active dropout, the GELU/BN
+        layout (``torch.compile`` gets the plain ops and plans memory itself)."""
         act, bn = self.dwconv.act, self.dwconv.bn
         return (
             torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
             and (x.requires_grad or self.fc1.weight.requires_grad)
             and not (self.training and self.drop.p > 0.0)
             and type(act) is nn.GELU

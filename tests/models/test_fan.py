@@ -121,10 +121,12 @@ def test_bf16_autocast_forward_backward(make_tiny: MakeTiny, kind: str) -> None:
     assert (out[0] if isinstance(out, tuple) else out).dtype == torch.bfloat16
 
 
-def test_compiled_model_trains_after_inference_mode_eval(make_tiny: MakeTiny) -> None:
+@pytest.mark.parametrize("kind", ["vit", "token"])
+def test_compiled_model_trains_after_inference_mode_eval(make_tiny: MakeTiny, kind: str) -> None:
     # torch.compile (as train.compile does) must not capture the cached positional features of an
-    # inference_mode forward: they would be inference tensors saved for backward in the training graph
-    model = make_tiny("vit")
+    # inference_mode forward: they would be inference tensors saved for backward in the training graph.
+    # The token model covers the hybrid stem, the FAN MLPs and the token head under the compiler too.
+    model = make_tiny(kind)
     compiled = torch.compile(model, backend="aot_eager")  # dynamo + autograd tracing, no C++ build
     x = torch.randn(2, 3, 32, 32)
     model.eval()
@@ -133,7 +135,8 @@ def test_compiled_model_trains_after_inference_mode_eval(make_tiny: MakeTiny) ->
     with torch.no_grad():
         torch.testing.assert_close(out, model(x))
     model.train()
-    loss = compiled(x).sum()
+    out = compiled(x)
+    loss = out[0].sum() + out[1].mean() if isinstance(out, tuple) else out.sum()
     loss.backward()
     assert all(p.grad is not None for p in model.patch_embed.parameters())
 

@@ -135,7 +135,7 @@ def merge_shards(shards: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarra
 
 def predict_logits(model: nn.Module, loader: DataLoader, device: torch.device | str,
                    amp_dtype: torch.dtype | None = None,
-                  fused_weight: float = FUSED_WEIGHT) -> dict[str, np.ndarray]:
+                   fused_weight: float = FUSED_WEIGHT) -> dict[str, np.ndarray]:
     """Predictions for the whole dataset in dataset order, on every rank: ``labels [N]``, ``logits [N, K]``
     and, for token models, ``fused_logits [N, K]`` (``cls + fused_weight * max over tokens of aux``).
 

@@ -93,6 +93,35 @@ def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
+def _records_eager_backward(*tensors: torch.Tensor) -> bool:
+    """Whether a buffer-reusing autograd function applies: an eager forward that autograd records (inference
+    gets the plain ops; ``torch.compile`` too, as it plans memory itself)."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and any(t.requires_grad for t in tensors)
+    )
+
+
+def _as_autocast_inputs(device: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The tensors as autocast would hand them to a matmul or conv (cast to its dtype when it is on), for
+    functions that then run with autocast off and must give autocast's numbers."""
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return [t.to(dtype) for t in tensors]
+
+
+def _consume_saved(ctx, what: str) -> None:
+    """Mark a buffer-reusing function's saved tensors used: a second backward would read overwritten ones."""
+    if ctx.consumed:
+        raise RuntimeError(
+            f"the fused {what}'s graph was run backward twice (retain_graph=True); its backward reuses its "
+            "saved activations. Run one backward per forward"
+        )
+    ctx.consumed = True
+
+
 class _LinearGeluLinear(torch.autograd.Function):
     """``fc2(gelu(fc1(x)))`` on 2-D ``x``; its backward writes into the buffers of its saved activations.
 
@@ -116,12 +145,7 @@ class _LinearGeluLinear(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(
-                "the fused fc1-GELU-fc2 MLP's graph was run backward twice (retain_graph=True); its "
-                "backward reuses its saved activations. Run one backward per forward"
-            )
-        ctx.consumed = True
+        _consume_saved(ctx, "fc1-GELU-fc2 MLP")
         x, w1, w2, pre, act = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         grad_w2 = grad_out.t().mm(act)
@@ -142,16 +166,11 @@ def linear_gelu_linear(
 
     Without autograd (inference, ``no_grad``) and under ``torch.compile`` (which plans memory itself) the
     plain ops run."""
-    lead = x.shape[:-1]
-    if (
-        not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, b1, w2, b2)))
-        or torch.compiler.is_compiling()
-    ):
+    if not _records_eager_backward(x, w1, b1, w2, b2):
         return F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2)
+    lead = x.shape[:-1]
     device = x.device.type
-    if torch.is_autocast_enabled(device):  # autocast would cast every input of the two matmuls: do it here
-        dtype = torch.get_autocast_dtype(device)
-        x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))
+    x, w1, b1, w2, b2 = _as_autocast_inputs(device, [x, w1, b1, w2, b2])
     with torch.autocast(device, enabled=False):
         out = _LinearGeluLinear.apply(x.reshape(-1, x.shape[-1]), w1, b1, w2, b2)
     return out.view(*lead, out.shape[-1])
@@ -324,12 +343,7 @@ class _FanMlpFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(
-                "the fused FAN MLP's graph was run backward twice (retain_graph=True); its backward reuses "
-                "its saved activations. Run one backward per forward"
-            )
-        ctx.consumed = True
+        _consume_saved(ctx, "FAN MLP")
         (x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out, c2w, s,
          w2) = ctx.saved_tensors
         B, N, H, W, hidden, residual, bn_training, eps, conv = ctx.meta
@@ -401,9 +415,7 @@ class FanMlp(nn.Module):
         layout (``torch.compile`` gets the plain ops and plans memory itself)."""
         act, bn = self.dwconv.act, self.dwconv.bn
         return (
-            torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and (x.requires_grad or self.fc1.weight.requires_grad)
+            _records_eager_backward(x, self.fc1.weight)
             and not (self.training and self.drop.p > 0.0)
             and type(act) is nn.GELU
             and act.approximate == "none"
@@ -420,13 +432,11 @@ class FanMlp(nn.Module):
             bn.num_batches_tracked.add_(1)
             momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
         c2w, c2b = _fold_out_scale(dw.conv2.weight, dw.conv2.bias, self.gamma)
-        matmul_args = [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
-        tail_args = [c2w, c2b, self.fc2.weight, self.fc2.bias]
-        device = x.device.type
-        if torch.is_autocast_enabled(device):  # autocast's casts for linear/conv; BN keeps its fp32 params
-            dtype = torch.get_autocast_dtype(device)
-            matmul_args = [t.to(dtype) for t in matmul_args]
-            tail_args = [t.to(dtype) for t in tail_args]
+        device = x.device.type  # linear and conv inputs as autocast casts them; BN keeps its fp32 params
+        matmul_args = _as_autocast_inputs(
+            device, [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
+        )
+        tail_args = _as_autocast_inputs(device, [c2w, c2b, self.fc2.weight, self.fc2.bias])
         meta = (H, W, self.dwconv_residual, bn.training, momentum, bn.eps)
         with torch.autocast(device, enabled=False):
             return _FanMlpFunction.apply(

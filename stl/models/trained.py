@@ -27,7 +27,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint or model file is missing, unreadable or of the wrong kind; the message names the file."""
 
 
-
 def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load one of this module's files safely (``weights_only=True``); a clear error if it cannot."""
     path = Path(path)
@@ -41,7 +40,6 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
-
 
 
 def export_model(path: str | Path, *, model_name: str, num_classes: int, classes: list[str], img_size: int,

@@ -5,7 +5,7 @@ Usage::
     python benchmarks/benchmark_models.py \\
         [--models fan_tiny_12_p16_224 fan_tiny_8_p4_hybrid ...] [--batch-size 16] [--img-size 224] \\
         [--threads 2] [--iters 5] [--warmup 2] [--modes fp32 bf16] \\
-        [--reference PATH] [--compile]
+        [--reference PATH] [--compile] [--fused-adamw]
 
 For every model a markdown table is printed with one row per (implementation, mode): parameters (M),
 eval images/s (forward under ``inference_mode``), training-step images/s (forward, cross-entropy, backward,
@@ -34,6 +34,10 @@ and pass ``--reference /tmp/fanref``. The directory is imported as a package (``
 ``.convnext_utils``); its models are built from the reference's ``FAN`` and ``ConvNeXt`` classes with the
 architecture arguments of our registry (its ``build_model_with_cfg`` wrappers do not run under timm 1.0).
 The reference has no ``*_token`` models; those are measured for ours only.
+
+``--fused-adamw`` adds rows ``ours+fused-adamw``: our model with ``torch.optim.AdamW(fused=True)``, what
+``train.fused_optimizer: true`` uses. The ``ours`` and ``reference`` rows keep the loop AdamW, so they compare
+the models alone.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_MODELS = ("fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid")
-OURS, REFERENCE = "ours", "reference"
+OURS, REFERENCE, OURS_FUSED = "ours", "reference", "ours+fused-adamw"
 _REF_PACKAGE = "_fan_reference"
 
 
@@ -118,7 +122,8 @@ def run_worker(cfg: dict[str, Any]) -> None:
     batch, size = cfg["batch_size"], cfg["img_size"]
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
+    fused = cfg["impl"] == OURS_FUSED
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
 
     def eval_step() -> None:
         model.eval()
@@ -226,7 +231,7 @@ def format_table(model: str, results: dict[tuple[str, str], dict[str, Any]], mod
     header.append("peak RSS (GB)")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
-    for impl in (REFERENCE, OURS):
+    for impl in (REFERENCE, OURS, OURS_FUSED):
         for mode in modes:
             r = results.get((impl, mode))
             if r is None:
@@ -250,6 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--reference", type=Path, default=None, help="directory with the reference fan.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (both impls)")
+    p.add_argument("--fused-adamw", action="store_true", help="add rows: ours with the fused AdamW kernel")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     from stl.models import is_token_model
 
     for model in args.models:
-        impls = [OURS]
+        impls = [OURS, OURS_FUSED] if args.fused_adamw else [OURS]
         if args.reference is not None and not is_token_model(model):
             impls.insert(0, REFERENCE)
         keys = [(impl, mode) for mode in args.modes for impl in impls]

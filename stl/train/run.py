@@ -20,9 +20,9 @@ Outputs in ``out_dir`` (rank 0, each written atomically):
 Re-running resumes from ``last.pt`` when its fingerprint (the settings that change the weights, the world
 size, the manifests, the labeler and pretrained files) matches and starts fresh otherwise (it prints which
 and why); a finished run only re-exports. Changing ``epochs`` starts fresh (the schedule depends on it);
-changing workers, threads, channels_last, compile or grad_checkpointing still resumes. Data order and
-augmentation are reseeded from (seed, epoch, rank) at each epoch, so a resumed run ends with the same weights
-as an uninterrupted one (bit-exact on CPU with the same ``train.workers``).
+changing workers, threads, channels_last, compile, grad_checkpointing or fused_optimizer still resumes. Data
+order and augmentation are reseeded from (seed, epoch, rank) at each epoch, so a resumed run ends with the
+same weights as an uninterrupted one (bit-exact on CPU with the same ``train.workers``).
 
 Metrics go to the tracker once per epoch, prefixed by the phase (``labeler/val_top1``,
 ``student/train_loss``), so both STL phases share one MLflow run. A resumed run logs only the new epochs (the
@@ -75,7 +75,7 @@ from stl.train.optim import create_optimizer, create_scheduler
 # recomputation, compilation, loader processes), so changing them (e.g. after running out of memory) still
 # resumes; nproc_per_node and epochs are replaced by the actual world size and this phase's epochs.
 _NOT_FINGERPRINTED = ("threads", "nproc_per_node", "epochs", "workers", "channels_last", "compile",
-                      "grad_checkpointing")
+                      "grad_checkpointing", "fused_optimizer")
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
@@ -345,7 +345,7 @@ def train_model(
 
     ema = ModelEmaV3(model, decay=opts.ema_decay) if opts.ema else None
     optimizer = create_optimizer(model, name=opts.optimizer, lr=opts.lr, weight_decay=opts.weight_decay,
-                                 sophia_rho=opts.sophia_rho)
+                                 sophia_rho=opts.sophia_rho, fused=opts.fused_optimizer)
     scheduler = create_scheduler(optimizer, epochs=epochs, updates_per_epoch=len(train_loader),
                                  warmup_epochs=opts.warmup_epochs, warmup_lr=opts.warmup_lr,
                                  min_lr=opts.min_lr)

@@ -71,6 +71,27 @@ def test_create_optimizer_kinds(tiny_model: nn.Module) -> None:
         create_optimizer(tiny_model, name="lamb", lr=1e-3, weight_decay=0.0)
 
 
+def test_fused_adamw_matches_the_loop_to_rounding(tiny_model: nn.Module) -> None:
+    """train.fused_optimizer changes the kernel, not the update: one step agrees to float rounding."""
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])
+    weights = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model(TINY, num_classes=3, img_size=32)
+        opt = create_optimizer(model, name="adamw", lr=1e-2, weight_decay=0.05, fused=fused)
+        assert bool(opt.defaults.get("fused")) is fused
+        before = model.head.weight.detach().clone()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        assert (model.head.weight - before).abs().max() > 1e-3  # it stepped
+        weights.append(model.state_dict())
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-6, atol=1e-7, msg=key)
+    with pytest.raises(ValueError, match="train.optimizer"):
+        create_optimizer(tiny_model, name="lamb", lr=1e-3, weight_decay=0.0, fused=True)
+
+
 def _toy_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(256, 10, generator=g)

@@ -622,6 +622,23 @@ def robustness_heatmap(result: dict[str, Any]) -> Any:
     return fig
 
 
+def _write_robustness_csv(table: list[dict[str, Any]], path: Path) -> None:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["corruption", "severity", "top1"])
+    for row in table:
+        writer.writerow([row["corruption"], int(row["severity"]), round(float(row["top1"]), _DIGITS)])
+    write_bytes_atomic(path, text.getvalue())
+
+
+def write_robustness_disabled(out_dir: Path) -> Path:
+    """Write a header-only ``robustness.csv``: the DVC plots file exists (and plots empty, without a warning)
+    when ``evaluate.robustness.enabled`` is false, so the stage's outputs do not depend on the setting."""
+    path = Path(out_dir) / "robustness.csv"
+    _write_robustness_csv([], path)
+    return path
+
+
 def write_robustness(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     """Write ``robustness.json`` (the result), ``robustness.csv`` (``corruption,severity,top1``: a DVC plots
     file) and ``robustness_heatmap.png`` into ``out_dir``, each atomically; return their paths by kind.
@@ -633,13 +650,7 @@ def write_robustness(result: dict[str, Any], out_dir: Path) -> dict[str, Path]:
     paths = {"json": out_dir / "robustness.json", "csv": out_dir / "robustness.csv",
              "heatmap": out_dir / "robustness_heatmap.png"}
     write_bytes_atomic(paths["json"], json.dumps(result, indent=2, allow_nan=False) + "\n")
-
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["corruption", "severity", "top1"])
-    for row in result["table"]:
-        writer.writerow([row["corruption"], int(row["severity"]), round(float(row["top1"]), _DIGITS)])
-    write_bytes_atomic(paths["csv"], text.getvalue())
+    _write_robustness_csv(result["table"], paths["csv"])
 
     png = io.BytesIO()
     robustness_heatmap(result).savefig(png, format="png", dpi=120)

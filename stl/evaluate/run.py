@@ -23,7 +23,12 @@ from stl.data import ManifestDataset, create_transforms, load_image_rgb
 from stl.distributed import init_distributed, is_main_process, main_print
 from stl.evaluate.metrics import compute_metrics, scalar_metrics, softmax, write_evaluation, write_json
 from stl.evaluate.predict import predict_logits, shard_loader
-from stl.evaluate.robustness import evaluate_robustness, robustness_metrics, write_robustness
+from stl.evaluate.robustness import (
+    evaluate_robustness,
+    robustness_metrics,
+    write_robustness,
+    write_robustness_disabled,
+)
 from stl.models import is_token_model, load_trained_model
 from stl.models.outputs import FUSED_WEIGHT, prediction_logits, token_grid
 
@@ -155,6 +160,8 @@ def evaluate_model(
         )
         write_robustness(result, out_dir)
         extra["robustness"] = robustness_metrics(result)
+    else:
+        write_robustness_disabled(out_dir)
 
     if token_maps and is_token_model(meta["model_name"]):
         labeler = load_trained_model(labeler_path, info.device)[0] if labeler_path else None

@@ -48,3 +48,6 @@ def test_two_rank_evaluation_equals_one_process(tmp_path: Path) -> None:
     rows = (two / "eval" / "predictions.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 7  # every test image once, no padded duplicates
     assert "test_fused" in m2
+    assert "robustness" not in m2  # off by default: the DVC plots file is there, with its header only
+    assert (two / "eval" / "robustness.csv").read_text() == "corruption,severity,top1\n"
+    assert not (two / "eval" / "robustness.json").exists()

@@ -59,6 +59,7 @@ from stl.distributed import (
     seed_everything,
 )
 from stl.io import write_json_atomic
+from stl.models.layers import clear_buffer_pool
 from stl.models.trained import (
     EXPORT_KEYS,
     FORMAT_VERSION,
@@ -457,6 +458,7 @@ def train_model(
                        f"{best_epoch + 1}), {row['epoch_time']:.1f}s")
         barrier()
 
+    clear_buffer_pool()  # the MLP buffers kept between steps; not needed once training is over
     summary = {
         "best_top1": best_top1, "best_epoch": best_epoch, "best_source": best_source,
         "epochs_run": epochs - start_epoch, "seconds": time.perf_counter() - start_time,

@@ -9,7 +9,15 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp
 
-from stl.models.layers import FanMlp, GeluMlp, head_dim_of, linear_gelu_linear
+from stl.models.layers import (
+    _POOL,
+    FanMlp,
+    GeluMlp,
+    _BufferPool,
+    clear_buffer_pool,
+    head_dim_of,
+    linear_gelu_linear,
+)
 
 
 def _plain(x, w1, b1, w2, b2):
@@ -164,3 +172,49 @@ def test_fan_mlp_fused_refuses_a_second_backward() -> None:
     out.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward twice"):
         out.backward()
+
+
+def test_buffer_pool_reuses_exact_sizes_and_stays_bounded() -> None:
+    pool = _BufferPool(max_bytes=3 * 4 * 12)  # three 12-float buffers
+    a = pool.take((3, 4), torch.float32, torch.device("cpu"))
+    pool.give(a)
+    b = pool.take((2, 6), torch.float32, torch.device("cpu"))  # same numel and dtype: the same memory
+    assert b.shape == (2, 6) and b.data_ptr() == a.data_ptr() and pool.nbytes == 0
+    assert pool.take((2, 6), torch.float64, "cpu").data_ptr() != a.data_ptr()  # another dtype: new
+    pool.give(b, torch.empty(4, 6)[:, :3])  # a non-contiguous view is not pooled
+    assert pool.nbytes == 48
+    bufs = [torch.empty(12) for _ in range(4)]
+    pool.give(*bufs)  # five given, three fit: the oldest two dropped
+    assert pool.nbytes == 3 * 48
+    taken = {pool.take((12,), torch.float32, "cpu").data_ptr() for _ in range(3)}
+    assert taken == {t.data_ptr() for t in bufs[1:]}
+    pool.give(torch.empty(100))  # larger than the whole pool
+    assert pool.nbytes == 0
+    pool.give(torch.empty(12))
+    pool.clear()
+    assert pool.nbytes == 0
+
+
+def test_linear_gelu_linear_reuses_its_buffers_across_steps_correctly() -> None:
+    """Step 2 runs on step 1's buffers; a second forward before any backward gets fresh ones. Every result
+    equals the plain ops."""
+    clear_buffer_pool()
+    tensors = _leaves(*SHAPES)
+    grad_out = torch.randn(2, 5, 7, 8)
+    xs = [torch.randn(2, 5, 7, 8) for _ in range(3)]
+    for x in xs[:2]:  # consecutive steps
+        args = [x.requires_grad_(), *tensors[1:]]
+        out, grads = _run(linear_gelu_linear, args, grad_out)
+        ref_out, ref_grads = _run(_plain, args, grad_out)
+        torch.testing.assert_close(out, ref_out)
+        for g, r in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(g, r)
+    assert _POOL.nbytes == 2 * 2 * 5 * 7 * 32 * 4  # pre and act of the last step, kept for the next
+    w = [t.detach().clone().requires_grad_() for t in tensors[1:]]
+    outs = [linear_gelu_linear(x, *w) for x in xs[1:]]  # two graphs alive at once
+    grads = torch.autograd.grad([o.sum() for o in outs], w)
+    ref = torch.autograd.grad([_plain(x, *w).sum() for x in xs[1:]], w)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r)
+    clear_buffer_pool()
+    assert _POOL.nbytes == 0

@@ -135,17 +135,19 @@ def _default_pool_bytes() -> int:
 class _BufferPool:
     """CPU buffers of finished backward passes, handed to the next forward that needs as many elements.
 
-    Why: glibc serves tensors above 32 MB with fresh pages from the OS, and each page is faulted in and zeroed
-    on first touch, which on the CPU costs more than the op that writes it. Reusing the hidden-size buffers of
-    the MLPs across steps took an FAN-Hybrid-T fp32 training step after validation passes from 2.5 to 1.8 s
-    (median). A buffer enters the pool only once the backward that owned it is done with it, so no graph can
-    read it again, and each function gives back as many buffers as its forward took, so the pool holds one
-    step's worth. CUDA tensors are not pooled (the caching allocator already reuses memory). At most
+    Why: glibc serves tensors of 32 MB and more with fresh pages from the OS, and each page is faulted in and
+    zeroed on first touch, which on the CPU costs more than the op that writes it. Reusing the hidden-size
+    buffers of the MLPs across steps took an FAN-Hybrid-T fp32 training step after validation passes from 2.5
+    to 1.8 s (median). A buffer enters the pool only once the backward that owned it is done with it, so no
+    graph can read it again, and each function gives back as many buffers as its forward took, so the pool
+    holds one step's worth. Only CPU tensors of ``min_bytes`` (32 MiB) and more are pooled: smaller ones come
+    from glibc's heap, which reuses them itself, and CUDA's caching allocator reuses memory anyway. At most
     ``max_bytes`` are kept (1/8 of physical memory), the least recently returned dropped first.
     """
 
-    def __init__(self, max_bytes: int) -> None:
+    def __init__(self, max_bytes: int, min_bytes: int = 32 * 2**20) -> None:
         self.max_bytes = max_bytes
+        self.min_bytes = min_bytes  # smaller tensors come from glibc's heap, which reuses them already
         self._free: list[torch.Tensor] = []  # flat buffers, oldest first
         self._bytes = 0
         self._lock = threading.Lock()
@@ -153,7 +155,7 @@ class _BufferPool:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous tensor of this shape (uninitialised): a pooled buffer of exactly its size, or new."""
         numel = math.prod(shape)
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and numel * dtype.itemsize >= self.min_bytes:
             with self._lock:
                 for i in range(len(self._free) - 1, -1, -1):
                     buf = self._free[i]
@@ -167,7 +169,8 @@ class _BufferPool:
         """Return buffers nothing will read again (contiguous CPU tensors; others are left to be freed)."""
         with self._lock:
             for buf in buffers:
-                if buf.device.type != "cpu" or not buf.is_contiguous() or buf.nbytes > self.max_bytes:
+                if (buf.device.type != "cpu" or not buf.is_contiguous()
+                        or not self.min_bytes <= buf.nbytes <= self.max_bytes):
                     continue
                 self._free.append(buf.view(-1))
                 self._bytes += buf.nbytes

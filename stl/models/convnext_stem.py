@@ -77,8 +77,8 @@ class _DepthwiseConvFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         # grad_out in x's layout (channels-last in the models: the one oneDNN is fast in)
-        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None
-        grad_out = grad_out.contiguous(memory_format=layout or torch.contiguous_format)
+        cl = x.is_contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_x = torch.ops.aten.convolution_backward(

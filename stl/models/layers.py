@@ -147,7 +147,7 @@ class _BufferPool:
 
     def __init__(self, max_bytes: int, min_bytes: int = 32 * 2**20) -> None:
         self.max_bytes = max_bytes
-        self.min_bytes = min_bytes  # smaller tensors come from glibc's heap, which reuses them already
+        self.min_bytes = min_bytes
         self._free: list[torch.Tensor] = []  # flat buffers, oldest first
         self._bytes = 0
         self._lock = threading.Lock()

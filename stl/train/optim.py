@@ -60,7 +60,7 @@ def create_optimizer(model: nn.Module, *, name: str, lr: float, weight_decay: fl
     """
     groups = param_groups(model, weight_decay)
     if name == "adamw":
-        extra = {"fused": True} if fused else {}
+        extra = {"fused": True} if fused else {}  # fused=False would also turn off the CUDA foreach default
         return timm.optim.create_optimizer_v2(groups, opt="adamw", lr=lr, weight_decay=weight_decay, **extra)
     if name == "sophiag":
         return SophiaG(groups, lr=lr, betas=SOPHIA_BETAS, rho=sophia_rho, weight_decay=weight_decay)

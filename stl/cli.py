@@ -126,7 +126,8 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("model", metavar="MODEL", help="the trained model file (model.pt / labeler.pt)")
     e.add_argument("--format", choices=("torchscript", "onnx"), required=True)
     e.add_argument("--output", default=None,
-                   help="export path (default: beside MODEL, .torchscript.pt or .onnx)")
+                   help="export path (default: exports/<MODEL's folder>-<MODEL's stem>.onnx or "
+                        ".torchscript.pt)")
     e.add_argument("--tokens", action="store_true",
                    help="token models: also output the token map (aux logits [B, N, K])")
     e.add_argument("--batch-size", type=int, default=2, help="batch size of the traced example (default 2)")

@@ -261,7 +261,7 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError("data.sha256 is required when data.source is a URL: put the archive's sha256 there")
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr ({cfg.train.min_lr:g}) must not exceed train.lr ({cfg.train.lr:g})")
-    from stl.models import resolve_model_name, token_variant
+    from stl.models import is_token_model, resolve_model_name, token_variant
 
     try:
         name = resolve_model_name(cfg.model)
@@ -271,6 +271,12 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(
             f"model: {cfg.model!r} ({name}) has no token-labeling variant; STL needs a FAN-Hybrid model "
             "(fan_tiny_hybrid, fan_small_hybrid, fan_base_hybrid, fan_large_hybrid) or set stl.enabled: false"
+        )
+    if not cfg.stl.enabled and is_token_model(name):
+        raise ConfigError(
+            f"model: {cfg.model!r} ({name}) is a token model, but stl.enabled is false: its aux_head would "
+            f"stay untrained and still count in the fused prediction. Use {name.removesuffix('_token')!r} "
+            "(or enable STL, which picks the token variant itself)"
         )
 
 

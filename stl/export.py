@@ -1,7 +1,7 @@
 """Export a trained model to TorchScript or ONNX, checked against PyTorch: the library behind ``stl export``.
 
-    stl export models/student/model.pt --format torchscript        # -> models/student/model.torchscript.pt
-    stl export models/student/model.pt --format onnx --tokens      # -> model.onnx, outputs logits + tokens
+    stl export models/student/model.pt --format torchscript        # -> exports/student-model.torchscript.pt
+    stl export models/student/model.pt --format onnx --tokens      # -> exports/student-model.onnx, + tokens
     pip install "stl[export]"                                      # ONNX needs onnx and onnxruntime
 
 The exported graph takes normalised images ``images [B, 3, S, S]`` (S = the model's img_size) with a dynamic

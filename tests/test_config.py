@@ -49,6 +49,8 @@ def test_aliases_and_official_names_resolve(tmp_path: Path) -> None:
         ({"data.source": "https://example.com/x.zip"}, "data.sha256 is required when data.source is a URL"),
         ({"model": "fan_tiny_hybird"}, "model: unknown model 'fan_tiny_hybird'"),
         ({"model": "fan_tiny_vit"}, "has no token-labeling variant; STL needs a FAN-Hybrid model"),
+        ({"model": "fan_tiny_hybrid_token", "stl.enabled": False},
+         "is a token model, but stl.enabled is false: its aux_head would stay untrained"),
         ({"split.max_per_class": 2}, "split.max_per_class: 2 leaves no image for some split"),
         ({"train": 3}, "train: expected a mapping of keys, got 3"),
     ],

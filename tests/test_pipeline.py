@@ -183,6 +183,8 @@ def test_repro_writes_every_declared_output(pipeline: tuple[Path, dict, str]) ->
     assert {"top5", "macro_f1", "macro_auc", "micro_auc"} <= set(metrics["test"])
     assert "top1" in metrics["test_fused"]
     assert 0.0 <= metrics["robustness"]["mean_corruption_top1"] <= 1.0
+    token_maps = json.loads((project / "reports/eval/token_maps.json").read_text())
+    assert token_maps["img_size"] == 32 and len(token_maps["maps"]) == 2  # maps drawn over the model's input
     html = (project / "reports/report.html").read_text()
     assert "data:image/png;base64" in html and "Token-label maps" in html
     assert 'src="http' not in html

@@ -5,7 +5,14 @@
     ManifestDataset(Path("data/split/train.csv"), Path("data/raw"), create_transforms(32, train=True))
 """
 
-from stl.data.datasets import ManifestDataset, create_transforms, load_image_rgb, read_classes, to_rgb
+from stl.data.datasets import (
+    ManifestDataset,
+    create_transforms,
+    load_display_image,
+    load_image_rgb,
+    read_classes,
+    to_rgb,
+)
 from stl.data.sources import (
     IMAGE_EXTENSIONS,
     DataSourceError,
@@ -22,6 +29,7 @@ __all__ = [
     "create_raw_dataset",
     "create_transforms",
     "find_class_root",
+    "load_display_image",
     "load_image_rgb",
     "read_classes",
     "split_dataset",

@@ -18,7 +18,9 @@ import torch
 from PIL import Image, ImageOps
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
 
-__all__ = ["ManifestDataset", "create_transforms", "load_image_rgb", "read_classes", "to_rgb"]
+__all__ = [
+    "ManifestDataset", "create_transforms", "load_display_image", "load_image_rgb", "read_classes", "to_rgb",
+]
 
 _BACKGROUND = (255, 255, 255)  # transparent pixels are composited on white, as a viewer shows them
 _EXIF_ORIENTATION = 0x0112
@@ -60,6 +62,16 @@ def load_image_rgb(path: str | Path) -> Image.Image:
         except Exception:  # a malformed EXIF block must not make a good image unreadable
             pass
         return to_rgb(image)
+
+
+def load_display_image(path: str | Path, img_size: int) -> Image.Image:
+    """The image as the eval transform hands it to the model, before normalisation: short side resized to
+    ``img_size`` (bicubic), centre-cropped to ``img_size`` square. For figures drawn over the model's input
+    (token-label maps) and for example inputs."""
+    from torchvision.transforms import functional as TF
+
+    image = TF.resize(load_image_rgb(path), img_size, interpolation=TF.InterpolationMode.BICUBIC)
+    return TF.center_crop(image, img_size)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -6,9 +6,11 @@
     model, meta = load_trained_model("models/student/model.pt")
     rows = predict_files(model, meta, find_images(["holiday/"])[0], topk=3)
 
-Images go through the model's eval transform (the one evaluation uses), so a prediction here equals the
-evaluate stage's for the same file. A file that cannot be decoded becomes a row with an ``error`` and a line
-on stderr instead of stopping a long run.
+Images go through the model's eval transform (the one evaluation uses). A token model predicts from the fused
+logits (``cls + fused_weight * max over tokens of aux``, the evaluate stage's ``test_fused``;
+``--fused-weight`` sets w, 0.5 by default like ``evaluate.fused_weight``), so a prediction here equals that
+one for the same file. A file that cannot be decoded becomes a row with an ``error`` and a line on stderr
+instead of stopping a long run.
 """
 
 from __future__ import annotations

@@ -48,10 +48,11 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray, class_names: Sequenc
                     max_roc_points: int = MAX_ROC_POINTS) -> dict[str, Any]:
     """All test metrics for one prediction, as plain python types (JSON-safe, NaN as None).
 
-    Rates are fractions in 0..1. P/R/F1 follow scikit-learn over all K classes (``zero_division=0``), so they
-    match the per-class ``report``. ROC is one-vs-rest on softmax probabilities; a class with no positive
-    (or no negative) sample has no ROC curve and AUC None, is left out of the macro AUC and is named in
-    ``notes``.
+    Rates are fractions in 0..1. P/R/F1 follow scikit-learn (``zero_division=0``); the macro averages run over
+    the classes present in ``labels`` (a class the split lacks would otherwise count as recall 0), so with an
+    absent class they differ from ``report``'s "macro avg", which averages all K. ROC is one-vs-rest on
+    softmax probabilities; a class with no positive (or no negative) sample has no ROC curve and AUC None, is
+    left out of the macro AUC and is named in ``notes``.
     AUCs use the full curves; the stored curves are decimated to ``max_roc_points`` keeping the corners.
     """
     labels, logits = _check_inputs(labels, logits, class_names)
@@ -66,15 +67,16 @@ def compute_metrics(labels: np.ndarray, logits: np.ndarray, class_names: Sequenc
     if k > 5:
         top5 = np.argsort(-logits, axis=1, kind="stable")[:, :5]
         out["top5"] = float(np.mean((top5 == labels[:, None]).any(axis=1)))
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=ks, average=avg, zero_division=0)
-        out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(p), float(r), float(f)
-
     p, r, f, s = precision_recall_fscore_support(labels, preds, labels=ks, average=None, zero_division=0)
+    present = [c for c in ks if s[c] > 0]
+    for avg, over in (("macro", present), ("weighted", ks)):
+        pa, ra, fa, _ = precision_recall_fscore_support(labels, preds, labels=over, average=avg,
+                                                        zero_division=0)
+        out[f"{avg}_precision"], out[f"{avg}_recall"], out[f"{avg}_f1"] = float(pa), float(ra), float(fa)
     absent = [class_names[c] for c in ks if s[c] == 0]
     if absent:
-        notes.append(f"classes absent from the labels (recall and F1 counted as 0 in macro averages, "
-                     f"no ROC/AUC): {', '.join(absent)}")
+        notes.append(f"classes absent from the labels (left out of the macro averages; predictions of them "
+                     f"still count as errors; no ROC/AUC): {', '.join(absent)}")
 
     roc_classes: list[dict[str, Any] | None] = []
     aucs: list[float] = []

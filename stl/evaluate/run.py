@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as TF
 
-from stl.data import ManifestDataset, create_transforms, load_image_rgb
+from stl.data import ManifestDataset, create_transforms, load_display_image
 from stl.distributed import init_distributed, is_main_process, main_print
 from stl.evaluate.metrics import compute_metrics, scalar_metrics, softmax, write_evaluation, write_json
 from stl.evaluate.predict import predict_logits, shard_loader
@@ -68,13 +68,6 @@ class ProbabilityModel(torch.nn.Module):
         return prediction_logits(out, self.fused_weight).softmax(-1)
 
 
-def _display_image(path: Path, img_size: int) -> Image.Image:
-    """The test image as the model sees it (resized, centre-cropped), before normalisation."""
-    image = load_image_rgb(path)
-    image = TF.resize(image, img_size, interpolation=TF.InterpolationMode.BICUBIC)
-    return TF.center_crop(image, img_size)
-
-
 class _LazyImages(Sequence):
     """Test images decoded on first access, so a robustness sample cap does not decode the whole split."""
 
@@ -85,7 +78,7 @@ class _LazyImages(Sequence):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Image.Image:  # type: ignore[override]
-        return _display_image(self.paths[i], self.img_size)
+        return load_display_image(self.paths[i], self.img_size)
 
 
 def evaluate_model(
@@ -172,7 +165,7 @@ def evaluate_model(
             if labeler is not None:
                 entry["labeler"] = token_map(labeler, x)
             maps.append(entry)
-        write_json(out_dir / "token_maps.json", {"classes": classes, "maps": maps})
+        write_json(out_dir / "token_maps.json", {"classes": classes, "img_size": img_size, "maps": maps})
 
     probs = softmax(pred["logits"])
     write_evaluation(
@@ -188,7 +181,7 @@ def evaluate_model(
     )
     write_json(out_dir / "model_meta.json", dict(meta))
     if tracker is not None:
-        example = torch.stack([TF.to_tensor(_display_image(p, img_size)) for p in dataset.paths[:2]])
+        example = torch.stack([TF.to_tensor(load_display_image(p, img_size)) for p in dataset.paths[:2]])
         tracker.log_model(ProbabilityModel(model.cpu(), mean, std, fused_weight), example)
     scalars = {g: scalar_metrics(r) for g, r in results.items()} | extra
     main_print(

@@ -53,8 +53,9 @@ def _samples(eval_dir: Path, raw_dir: Path, n: int) -> list[dict[str, Any]]:
 
 
 def _token_map_figures(eval_dir: Path, raw_dir: Path) -> list[dict[str, Any]]:
-    """Labeler and student token-label maps beside each image (token models only)."""
-    from stl.data import load_image_rgb
+    """Labeler and student token-label maps beside each image (token models only), drawn over the image as
+    the model saw it (resized and centre-cropped), so each cell sits on the pixels its token covers."""
+    from stl.data import load_display_image, load_image_rgb
 
     data = _read_json(eval_dir / "token_maps.json")
     if not data:
@@ -67,7 +68,8 @@ def _token_map_figures(eval_dir: Path, raw_dir: Path) -> list[dict[str, Any]]:
             for name in ("labeler", "student")
             if name in entry
         }
-        image = load_image_rgb(raw_dir / entry["path"])
+        path = raw_dir / entry["path"]
+        image = load_display_image(path, data["img_size"]) if "img_size" in data else load_image_rgb(path)
         fig = token_label_maps(image, maps, classes)
         items.append(
             {"figure": figure_png(fig), "caption": f"{entry['path']} (true: {classes[entry['label']]})"}
@@ -136,4 +138,5 @@ def build_report(
         figures=figures,
         samples=_samples(eval_dir, raw_dir, samples),
         token_maps=_token_map_figures(eval_dir, raw_dir),
+        notes=test.get("notes", []),
     )

@@ -50,7 +50,8 @@ def render_report(out_path: Path, *, title: str, summary: Mapping[str, Any], par
                   metrics: Mapping[str, Any], history: Mapping[str, Sequence[Mapping[str, Any]]],
                   per_class: Sequence[Mapping[str, Any]], figures: Mapping[str, Path | bytes],
                   samples: Sequence[Mapping[str, Any]],
-                  token_maps: Sequence[Mapping[str, Any]] | None = None) -> Path:
+                  token_maps: Sequence[Mapping[str, Any]] | None = None,
+                  notes: Sequence[str] = ()) -> Path:
     """Write the report to ``out_path`` atomically and return it.
 
     ``summary``: run facts shown first (model, dataset, run id...). ``params``: nested or flat, shown
@@ -61,10 +62,11 @@ def render_report(out_path: Path, *, title: str, summary: Mapping[str, Any], par
     ``samples``: dicts with ``image`` (path, encoded bytes or array), ``label``, ``pred``, optional
     ``prob``, ``path``, ``correct``.
     ``token_maps``: dicts with ``figure`` (PNG path or bytes) and optional ``caption``.
+    ``notes``: caveats of the evaluation (absent classes, ...), listed under the metrics.
     """
     parts: list[str] = [f"<h1>{_e(title)}</h1>"]
     parts.append(_section("Run summary", _kv_table(summary) if summary else _note("no summary")))
-    parts.append(_section("Metrics", _metrics_table(metrics)))
+    parts.append(_section("Metrics", _metrics_table(metrics) + "".join(_note(n) for n in notes)))
     for key, heading in _FIGURE_SECTIONS:
         if key == "training_curves":
             body = _figure(figures[key], heading) if key in figures else _note("no training curves figure")
@@ -160,7 +162,8 @@ def _metrics_table(metrics: Mapping[str, Any]) -> str:
     note = ""
     if any("fused" in g for g in groups):
         note = _note("fused = class-token logits + w * max over tokens of the token logits (the STL "
-                     "reference's robustness evaluation); the other column uses the class token only.")
+                     "reference's robustness evaluation); test uses the class token only. The robustness "
+                     "figures score the fused prediction (token models) on a sample of the test split.")
     return f"<table>{head}{body}</table>{note}"
 
 
@@ -222,7 +225,9 @@ def _image_uri(image: Any) -> tuple[str, bool]:
     from PIL import Image
 
     if isinstance(image, (str, Path)):
-        im = Image.open(image)
+        from stl.data import load_image_rgb
+
+        im = load_image_rgb(image)  # as the model reads it: upright per EXIF, 16-bit scaled, alpha on white
     elif isinstance(image, (bytes, bytearray)):
         im = Image.open(io.BytesIO(image))
     else:

@@ -10,7 +10,15 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as tv
 
-from stl.data import ManifestDataset, create_transforms, load_image_rgb, read_classes, split_dataset, to_rgb
+from stl.data import (
+    ManifestDataset,
+    create_transforms,
+    load_display_image,
+    load_image_rgb,
+    read_classes,
+    split_dataset,
+    to_rgb,
+)
 
 from .helpers import png_bytes
 
@@ -173,6 +181,17 @@ def test_eval_transform_resizes_then_center_crops() -> None:
     assert torch.equal(out, transform(image))
     full = create_transforms(32, train=False)
     assert full.transforms[0].size == 32
+
+
+def test_display_image_is_the_eval_transforms_input(tmp_path) -> None:
+    image = Image.new("RGB", (96, 48), (255, 0, 0))
+    image.paste((0, 0, 255), (0, 0, 16, 48))  # a band on the left: outside the centre crop
+    path = tmp_path / "wide.png"
+    image.save(path)
+    shown = load_display_image(path, 32)
+    assert shown.size == (32, 32) and set(shown.getdata()) == {(255, 0, 0)}
+    to_tensor = create_transforms(32, train=False, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    torch.testing.assert_close(tv.functional.to_tensor(shown), to_tensor(load_image_rgb(path)))
 
 
 @pytest.mark.parametrize(

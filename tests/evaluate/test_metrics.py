@@ -112,6 +112,10 @@ def test_class_absent_from_labels() -> None:
     assert m["macro_auc"] == pytest.approx(1.0)  # NaN of 'owl' skipped, not averaged in as 0
     assert any("owl" in note for note in m["notes"])
     assert m["confusion"]["normalized"][2] == [0.0, 0.0, 0.0]
+    # macro P/R/F1 over the two present classes; the wrong 'owl' prediction still costs cat's recall
+    assert m["macro_recall"] == pytest.approx((0.5 + 1.0) / 2)
+    assert m["macro_precision"] == pytest.approx((1.0 + 1.0) / 2)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)
     json.dumps(m, allow_nan=False)
 
 

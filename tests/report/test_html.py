@@ -97,3 +97,19 @@ def test_flatten_and_data_uri() -> None:
     assert data_uri(b"\x89PNG\r\n\x1a\nxx").startswith("data:image/png;base64,")
     with pytest.raises(ValueError, match="not a PNG"):
         data_uri(b"<svg onload=alert(1)>")
+
+
+def test_sample_thumbnails_are_read_as_the_model_reads_them(tmp_path: Path) -> None:
+    ramp = tmp_path / "ramp16.png"
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)).save(ramp)
+    out = render_report(tmp_path / "r.html", title="t", summary={}, params={}, metrics={}, history={},
+                        per_class=[], figures={},
+                        samples=[{"image": ramp, "label": "a", "pred": "a", "prob": 0.9, "path": "r.png"}],
+                        token_maps=[], notes=["classes absent from the labels: <owl>"])
+    uri = re.search(r'src="data:image/(?:jpeg|png);base64,([^"]+)"', out.read_text()).group(1)
+    import base64
+    import io
+
+    thumb = np.asarray(Image.open(io.BytesIO(base64.b64decode(uri))).convert("L"), dtype=np.float64)
+    assert 100 < thumb.mean() < 155  # a 16-bit ramp scaled to 8 bits (mean ~127), not clipped to white
+    assert "classes absent from the labels: &lt;owl&gt;" in out.read_text()

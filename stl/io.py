@@ -1,4 +1,4 @@
-"""Atomic file output, the one way the project writes files.
+"""Atomic file output, the one way the project writes files (and the one file digest it reads them by).
 
 A temp file (or folder) beside the target, then ``os.replace``: readers (DVC, the next stage, a browser) see
 the old file or the new one, never half of one, and a failure leaves the old file and no temp file behind.
@@ -6,6 +6,7 @@ the old file or the new one, never half of one, and a failure leaves the old fil
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:

@@ -26,7 +26,7 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from stl.io import atomic_output_dir
+from stl.io import atomic_output_dir, file_sha256
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -100,7 +100,7 @@ def create_raw_dataset(
                 actual = _download(source, archive, retries=retries, timeout=timeout)
             else:
                 archive = Path(source).expanduser()
-                actual = _file_sha256(archive)
+                actual = file_sha256(archive)
             if expected and actual != expected:
                 raise DataSourceError(
                     f"sha256 mismatch for {source}: expected {expected}, got {actual}. The file is not the "
@@ -282,14 +282,6 @@ def _download_once(url: str, dest: Path, timeout: float) -> str:
         raise _TransientError(f"{err.reason}") from err
     except (TimeoutError, ConnectionError, http.client.HTTPException) as err:
         raise _TransientError(f"{type(err).__name__}: {err}") from err
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -------------------------------------------------------------------------------------------- extraction

@@ -9,6 +9,7 @@ only on the seed, its name and its files, so adding a class does not reshuffle t
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from stl.data.datasets import load_image_rgb
-from stl.io import atomic_output_dir
+from stl.io import atomic_output_dir, file_sha256
 
 __all__ = ["SPLITS", "split_dataset"]
 
@@ -38,7 +39,11 @@ def split_dataset(
     workers: int = 1,
     max_per_class: int = 0,
 ) -> dict:
-    """Write train/val/test.csv (`path,label`), classes.json and skipped.csv to `out_dir`; return a summary.
+    """Write train/val/test.csv (`path,label`), classes.json, contents.json and skipped.csv to `out_dir`;
+    return a summary.
+
+    contents.json holds one sha256 per split over its images' paths, labels and bytes, so a training run whose
+    images changed under the same file names is not mistaken for one that can resume.
 
     Class folders are the subdirectories of `raw_dir` (sorted names give the label order); images may sit
     in nested folders inside a class folder. Paths in the manifests are relative to `raw_dir` with '/'.
@@ -60,7 +65,10 @@ def split_dataset(
             f"one folder per class with its images inside."
         )
     paths = [path for class_files in files.values() for path in class_files]
-    reasons = dict(zip(paths, _validate(paths, workers), strict=True))
+    checked = _validate(paths, workers)
+    reasons = {path: reason for path, (reason, _) in zip(paths, checked, strict=True)}
+    digests = {path.relative_to(raw_dir).as_posix(): digest for path, (_, digest) in zip(paths, checked,
+                                                                                          strict=True)}
     valid: dict[str, list[str]] = {}
     for name in classes:
         valid[name] = []
@@ -94,6 +102,8 @@ def split_dataset(
         classes_json = json.dumps(classes, ensure_ascii=False, indent=2) + "\n"
         (staging / "classes.json").write_text(classes_json, encoding="utf-8")
         _write_csv(staging / "skipped.csv", ("path", "reason"), skipped)
+        contents = {split: _split_digest(rows[split], digests) for split in SPLITS}
+        (staging / "contents.json").write_text(json.dumps(contents, indent=2) + "\n", encoding="utf-8")
 
     counts = {split: len(rows[split]) for split in SPLITS}
     print(
@@ -154,16 +164,25 @@ def _scan(raw_dir: Path) -> tuple[list[str], dict[str, list[Path]], list[tuple[s
     return classes, files, skipped
 
 
-def _validate(paths: list[Path], workers: int) -> list[str | None]:
-    """Return, per file, None when it decodes to an RGB image, else why it is skipped."""
+def _split_digest(rows: list[tuple[str, int]], digests: dict[str, str]) -> str:
+    """sha256 over a split's (path, label, file sha256), in path order."""
+    h = hashlib.sha256()
+    for rel, label in sorted(rows):
+        h.update(f"{rel}\t{label}\t{digests[rel]}\n".encode())
+    return h.hexdigest()
+
+
+def _validate(paths: list[Path], workers: int) -> list[tuple[str | None, str]]:
+    """Return, per file, (None when it decodes to an RGB image, else why it is skipped; its sha256)."""
     from tqdm.auto import tqdm
 
     disable = True if os.environ.get("CI") else None
     with tqdm(total=len(paths), desc="checking images", unit="img", disable=disable, leave=False) as bar:
-        def check(path: Path) -> str | None:
+        def check(path: Path) -> tuple[str | None, str]:
             reason = _check_image(path)
+            digest = file_sha256(path) if reason is None else ""
             bar.update()
-            return reason
+            return reason, digest
 
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stl.io import torch_save_atomic
+from stl.io import file_sha256, torch_save_atomic
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -33,14 +33,6 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 # --- fingerprint --------------------------------------------------------------------------------------------
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fingerprint(settings: dict[str, Any], files: list[str | Path] = ()) -> str:
     """sha256 over the settings (JSON, sorted keys) and the contents of ``files`` (e.g. the manifests).
 
@@ -50,7 +42,7 @@ def fingerprint(settings: dict[str, Any], files: list[str | Path] = ()) -> str:
     for f in files:
         p = Path(f)
         h.update(p.name.encode())
-        h.update(_file_digest(p).encode() if p.is_file() else b"<missing>")
+        h.update(file_sha256(p).encode() if p.is_file() else b"<missing>")
     return h.hexdigest()
 
 

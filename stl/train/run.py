@@ -295,7 +295,8 @@ def train_model(
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: run the split stage (dvc repro split) first")
     export = _export_name(phase, export_name)
-    fp_files: list[Path] = [train_csv, val_csv, split_dir / "classes.json"]
+    # contents.json: the images' bytes (the manifests only name them)
+    fp_files: list[Path] = [train_csv, val_csv, split_dir / "classes.json", split_dir / "contents.json"]
     if labeler_path is not None and phase == "student":
         fp_files.append(Path(labeler_path))
     if opts.pretrained and Path(opts.pretrained).is_file():

@@ -31,8 +31,9 @@ def test_stratified_exact_allocation_and_outputs(tmp_path, make_tree, capsys) ->
     raw = make_tree(tmp_path / "raw", {"b_class": 20, "a_class": 10, "c_class": 7})
     summary = split_dataset(raw, tmp_path / "split", 0.6, 0.2, 0.2, seed=0)
     out = tmp_path / "split"
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "skipped.csv", "test.csv", "train.csv",
-                                                      "val.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.json", "contents.json", "skipped.csv", "test.csv", "train.csv", "val.csv"
+    ]
     classes = json.loads((out / "classes.json").read_text())
     assert classes == ["a_class", "b_class", "c_class"]  # sorted names give the label order
     expected = {
@@ -61,10 +62,25 @@ def test_split_is_deterministic_per_seed(tmp_path, make_tree) -> None:
     split_dataset(raw, tmp_path / "s0", 0.5, 0.25, 0.25, seed=7)
     split_dataset(raw, tmp_path / "s0_again", 0.5, 0.25, 0.25, seed=7, workers=2)
     split_dataset(raw, tmp_path / "s1", 0.5, 0.25, 0.25, seed=8)
-    for name in ("train.csv", "val.csv", "test.csv", "classes.json"):
+    for name in ("train.csv", "val.csv", "test.csv", "classes.json", "contents.json"):
         assert (tmp_path / "s0" / name).read_bytes() == (tmp_path / "s0_again" / name).read_bytes()
     assert (tmp_path / "s0" / "train.csv").read_bytes() != (tmp_path / "s1" / "train.csv").read_bytes()
     assert split_counts(tmp_path / "s1", ["a", "b"]) == split_counts(tmp_path / "s0", ["a", "b"])
+
+
+def test_contents_digest_follows_the_image_bytes(tmp_path, make_tree, make_png) -> None:
+    raw = make_tree(tmp_path / "raw", {"a": 8, "b": 8})
+    split_dataset(raw, tmp_path / "before", 0.5, 0.25, 0.25, seed=0)
+    before = json.loads((tmp_path / "before" / "contents.json").read_text())
+    assert set(before) == {"train", "val", "test"} and len(set(before.values())) == 3
+    first_train = read_rows(tmp_path / "before" / "train.csv")[0]["path"]
+    make_png(raw / first_train, seed=999)  # same name, other pixels
+    split_dataset(raw, tmp_path / "after", 0.5, 0.25, 0.25, seed=0)
+    after = json.loads((tmp_path / "after" / "contents.json").read_text())
+    for name in ("train.csv", "val.csv", "test.csv"):  # the manifests cannot tell
+        assert (tmp_path / "before" / name).read_bytes() == (tmp_path / "after" / name).read_bytes()
+    assert after["train"] != before["train"]
+    assert (after["val"], after["test"]) == (before["val"], before["test"])
 
 
 def test_adding_a_class_does_not_reshuffle_the_others(tmp_path, make_tree) -> None:

@@ -156,6 +156,23 @@ def test_resume_message_and_changed_settings_start_fresh(data, tmp_path: Path, m
     assert summary["epochs_run"] == 2
 
 
+def test_changed_images_under_the_same_names_start_fresh(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from stl.data import split_dataset
+
+    register_tiny_models()
+    data = make_split(tmp_path / "data", n_per_class=10)
+    split, raw = data
+    _train(data, tmp_path / "out", epochs=1)
+    first = (split / "train.csv").read_text().splitlines()[1].split(",")[0]
+    Image.new("RGB", (32, 32), (7, 7, 7)).save(raw / first)  # a corrected image, same file name
+    split_dataset(raw, split, 0.6, 0.2, 0.2, seed=0)
+    capsys.readouterr()
+    summary = _train(data, tmp_path / "out", epochs=1)
+    assert "fingerprint differs" in capsys.readouterr().out and summary["epochs_run"] == 1
+
+
 def test_odd_batch_with_mixup_is_refused(data, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"train\.batch_size is 7 .*even"):
         _train(data, tmp_path, opts=tiny_opts(batch_size=7))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -194,6 +195,13 @@ def _check_value(key: str, value: Any, tp: Any, meta: dict) -> Any:
     """Type-check (ints are accepted for floats), then range and choices; return the normalised value."""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 (PyYAML, dvc -S) reads 1e-5 as a string
+        try:
+            parsed = float(value)
+        except ValueError:
+            pass
+        else:
+            value = parsed if math.isfinite(parsed) else value
     if tp is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
@@ -259,6 +267,11 @@ def _check_cross(cfg: Config) -> None:
         raise ConfigError(f"train.img_size: {cfg.train.img_size} must be a multiple of 16 (the FAN stride)")
     if cfg.data.source.startswith(("http://", "https://")) and not cfg.data.sha256:
         raise ConfigError("data.sha256 is required when data.source is a URL: put the archive's sha256 there")
+    if cfg.stl.enabled and cfg.train.auto_augment and not cfg.train.auto_augment.startswith("rand"):
+        raise ConfigError(
+            f"train.auto_augment: {cfg.train.auto_augment!r}: the STL student's paired views support timm "
+            "RandAugment strings ('rand-m9-mstd0.5-inc1') or '' (off)"
+        )
     if cfg.train.min_lr > cfg.train.lr:
         raise ConfigError(f"train.min_lr ({cfg.train.min_lr:g}) must not exceed train.lr ({cfg.train.lr:g})")
     from stl.models import is_token_model, resolve_model_name, token_variant

@@ -29,6 +29,10 @@ def test_aliases_and_official_names_resolve(tmp_path: Path) -> None:
     cfg = _load(tmp_path, model="fan_tiny_vit", **{"stl.enabled": False})
     assert cfg.model_name == "fan_tiny_12_p16_224"
     assert _load(tmp_path, **{"train.lr": 1}).train.lr == 1.0  # an int is a fine float
+    assert _load(tmp_path, **{"train.min_lr": "1e-5"}).train.min_lr == 1e-5  # YAML 1.1 reads 1e-5 as str
+    plain = _load(tmp_path, model="fan_tiny_vit",
+                  **{"stl.enabled": False, "train.auto_augment": "augmix-m5-w3"})
+    assert plain.train.auto_augment == "augmix-m5-w3"  # any timm policy without STL
 
 
 @pytest.mark.parametrize(
@@ -49,6 +53,8 @@ def test_aliases_and_official_names_resolve(tmp_path: Path) -> None:
         ({"data.source": "https://example.com/x.zip"}, "data.sha256 is required when data.source is a URL"),
         ({"model": "fan_tiny_hybird"}, "model: unknown model 'fan_tiny_hybird'"),
         ({"model": "fan_tiny_vit"}, "has no token-labeling variant; STL needs a FAN-Hybrid model"),
+        ({"train.auto_augment": "augmix-m5-w3"}, "the STL student's paired views support timm RandAugment"),
+        ({"train.min_lr": "nan"}, "train.min_lr: expected float, got str 'nan'"),
         ({"model": "fan_tiny_hybrid_token", "stl.enabled": False},
          "is a token model, but stl.enabled is false: its aux_head would stay untrained"),
         ({"split.max_per_class": 2}, "split.max_per_class: 2 leaves no image for some split"),

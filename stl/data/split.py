@@ -230,8 +230,8 @@ def _check_class_sizes(
         elif len(valid[name]) < len(needed_splits):
             problems.append(
                 f"class {name!r} ({folder}) has {len(valid[name])} readable image(s) but the split needs at "
-                f"least {len(needed_splits)}, one for each of {', '.join(needed_splits)}: add images, remove "
-                f"the class, or set the fractions of the splits it cannot fill to 0"
+                f"least {len(needed_splits)}, one for each of {', '.join(needed_splits)}: add images or "
+                f"remove the class folder"
             )
     if problems:
         raise ValueError("cannot split the dataset:\n  " + "\n  ".join(problems))

@@ -127,7 +127,10 @@ class StlConfig:
     token_label: str = _spec(
         "gumbel", choices=("gumbel", "argmax", "soft"), help="how token labels are drawn"
     )
-    gumbel_tau: float = _spec(1.0, lo=0.0, hi=100.0, lo_open=True, help="Gumbel-softmax temperature")
+    gumbel_tau: float = _spec(
+        1.0, lo=0.0, hi=100.0, lo_open=True,
+        help="temperature of soft token labels (softmax(logits / tau)); hard samples ignore it",
+    )
     token_smoothing: float = _spec(0.1, lo=0.0, hi=1.0, help="label smoothing of the token labels")
     grid_mismatch: str = _spec(
         "resample",

@@ -200,7 +200,11 @@ def _phase_stl_settings(phase: str, stl: StlConfig | None) -> dict[str, Any] | N
     if stl is None or phase == "supervised":
         return None
     keys = dataclasses.asdict(stl)
-    return {k: keys[k] for k in _LABELER_KEYS} if phase == "labeler" else keys
+    if phase == "labeler":
+        return {k: keys[k] for k in _LABELER_KEYS}
+    if stl.token_label != "soft":
+        del keys["gumbel_tau"]  # a hard label (Gumbel or argmax) does not depend on it
+    return keys
 
 
 def _settings(phase: str, model_name: str, opts: TrainConfig, epochs: int, seed: int, world: int,

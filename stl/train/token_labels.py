@@ -28,13 +28,13 @@ def _sample(logits: Tensor, mode: str, tau: float) -> Tensor:
     """Per-token label distribution [..., K] from logits [..., K]."""
     num_classes = logits.shape[-1]
     if mode == "soft":
-        return logits.softmax(dim=-1)
+        return (logits / tau).softmax(dim=-1)
     if mode == "argmax":
         index = logits.argmax(dim=-1)
     else:
         # Hard Gumbel-softmax; taking the argmax of its straight-through output gives an exact 0/1 one-hot
-        # (y_hard - y_soft + y_soft is not always bit-exact). For hard samples tau does not change the
-        # distribution (the argmax is scale-invariant); it is kept for parity with the reference.
+        # (y_hard - y_soft + y_soft is not always bit-exact). The argmax of a Gumbel sample does not depend
+        # on tau (it scales logits and noise alike); tau matters for the soft labels only.
         index = F.gumbel_softmax(logits, tau=tau, hard=True, dim=-1).argmax(dim=-1)
     return F.one_hot(index, num_classes).to(logits.dtype)
 

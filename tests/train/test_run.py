@@ -259,3 +259,12 @@ def test_import_labeler_exports_a_published_labeler_for_the_student(data, tmp_pa
     assert all(torch.equal(a, b) for a, b in zip(labeler.state_dict().values(), src.state_dict().values(),
                                                  strict=True))
     assert load_file(out)["phase"] == "labeler"
+
+
+def test_only_settings_that_change_the_weights_are_fingerprinted() -> None:
+    stl, hot = StlConfig(), StlConfig(gumbel_tau=3.0)
+    assert run_mod._phase_stl_settings("student", stl) == run_mod._phase_stl_settings("student", hot)  # hard
+    soft, soft_hot = StlConfig(token_label="soft"), StlConfig(token_label="soft", gumbel_tau=3.0)
+    assert run_mod._phase_stl_settings("student", soft) != run_mod._phase_stl_settings("student", soft_hot)
+    dense = StlConfig(dense_weight=2.0)
+    assert run_mod._phase_stl_settings("labeler", stl) == run_mod._phase_stl_settings("labeler", dense)

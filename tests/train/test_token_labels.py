@@ -172,6 +172,8 @@ def test_argmax_soft_and_smoothing():
     assert torch.equal(y[1, 5], torch.tensor([0.0, 1.0, 0.0, 0.0]))
     y = make_token_labels(labeler, x, (4, 4), 4, mode="soft", smoothing=0.2)
     torch.testing.assert_close(y[0, 3], 0.8 * logits.softmax(-1) + 0.05)
+    y = make_token_labels(labeler, x, (4, 4), 4, mode="soft", tau=2.0, smoothing=0.0)
+    torch.testing.assert_close(y[0, 3], (logits / 2.0).softmax(-1))  # tau tempers the soft labels
     torch.manual_seed(1)
     y = make_token_labels(labeler, x, (4, 4), 4, mode="gumbel", smoothing=0.1)
     torch.testing.assert_close(y.unique(), torch.tensor([0.025, 0.925]))

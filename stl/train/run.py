@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +151,22 @@ def _log_rows(tracker: Any, phase: str, rows: list[dict]) -> None:
 
 
 def load_labeler(path: str | Path, device: str | torch.device, num_classes: int, img_size: int,
-                 model_name: str | None = None) -> nn.Module:
+                 model_name: str | None = None, classes: Sequence[str] | None = None) -> nn.Module:
     """The frozen token labeler (eval mode, no grad) for the student phase.
 
-    ``path`` is a ``labeler.pt`` written by the labeler phase (its own architecture and classes), or a
-    published token-labeler checkpoint whose ``state_dict_ema`` is loaded into ``model_name`` (needed then;
-    it must have this dataset's ``num_classes``, since token labels are classes of the dataset).
+    ``path`` is a ``labeler.pt`` written by the labeler phase (its own architecture and classes, which must be
+    ``classes`` when given), or a published token-labeler checkpoint whose ``state_dict_ema`` is loaded into
+    ``model_name`` (needed then; it must have this dataset's ``num_classes``, since token labels are classes
+    of the dataset).
     """
+    return _load_labeler(path, device, num_classes, img_size, model_name, classes)[0]
+
+
+def _load_labeler(path: str | Path, device: str | torch.device, num_classes: int, img_size: int,
+                  model_name: str | None, classes: Sequence[str] | None) -> tuple[nn.Module, dict | None]:
+    """load_labeler, plus the file's metadata for a project ``labeler.pt`` (None for a published file)."""
     path = Path(path)
+    meta = None
     if not path.is_file():
         raise FileNotFoundError(f"token labeler {path} not found: run the train_labeler stage first, or set "
                                 "stl.labeler to a published token-labeler checkpoint")
@@ -171,6 +180,9 @@ def load_labeler(path: str | Path, device: str | torch.device, num_classes: int,
         if meta["num_classes"] != num_classes:
             raise ValueError(f"token labeler {path} has {meta['num_classes']} classes but the dataset has "
                              f"{num_classes}: retrain it (dvc repro train_labeler)")
+        if classes is not None and list(meta["classes"]) != list(classes):
+            raise ValueError(f"token labeler {path} labels the classes {list(meta['classes'])} but the "
+                             f"dataset's are {list(classes)}: retrain it (dvc repro train_labeler)")
     else:
         from stl.models import load_checkpoint
 
@@ -188,7 +200,7 @@ def load_labeler(path: str | Path, device: str | torch.device, num_classes: int,
     if not _is_token("", labeler):
         raise ValueError(f"token labeler {path}: its model returns no token logits (not a *_token model)")
     labeler.eval().requires_grad_(False)
-    return labeler
+    return labeler, meta
 
 
 _LABELER_KEYS = ("enabled", "labeler", "labeler_epochs", "aux_weight")
@@ -393,7 +405,7 @@ def train_model(
 
     labeler = None
     if phase == "student":
-        labeler = load_labeler(labeler_path, dev, num_classes, opts.img_size, model_name)
+        labeler = load_labeler(labeler_path, dev, num_classes, opts.img_size, model_name, classes)
     loss_fn = PhaseLoss(
         phase=phase, num_classes=num_classes, mixup_active=mixup_on, smoothing=opts.smoothing,
         aux_weight=stl.aux_weight if stl else 1.0, cls_weight=stl.cls_weight if stl else 1.0,
@@ -567,7 +579,9 @@ def _finish_done(state: dict | None, phase: str, best_path: Path, export_path: P
 
 def import_labeler(path: str | Path, *, model_name: str, split_dir: Path, out_path: Path, img_size: int,
                    device: str = "auto") -> dict[str, Any]:
-    """Validate a published token-labeler checkpoint (its ``state_dict_ema``) and export it as ``labeler.pt``.
+    """Validate a token labeler from elsewhere and export it as ``labeler.pt``: a published checkpoint (its
+    ``state_dict_ema``, loaded into ``model_name``) or another project's ``labeler.pt`` (kept with its own
+    architecture, image size and normalisation; its classes must be this dataset's).
 
     The student phase then reads it like a labeler trained here. Returns a short summary.
     """
@@ -576,11 +590,14 @@ def import_labeler(path: str | Path, *, model_name: str, split_dir: Path, out_pa
     info = init_distributed(device)
     classes = read_classes(split_dir)
     model_name = _resolve_name(model_name)
-    labeler = load_labeler(path, info.device, len(classes), img_size, model_name=model_name)
-    if is_main_process():
+    labeler, meta = _load_labeler(path, info.device, len(classes), img_size, model_name, classes)
+    if meta is not None:
+        model_name, img_size, mean, std = meta["model_name"], meta["img_size"], meta["mean"], meta["std"]
+    else:
         cfg = getattr(labeler, "pretrained_cfg", None) or {}
+        mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+    if is_main_process():
         export_model(out_path, model_name=model_name, num_classes=len(classes), classes=classes,
                      img_size=img_size, state_dict=labeler.state_dict(), source="ema", epoch=-1,
-                     val_top1=float("nan"), phase="labeler", mean=cfg.get("mean", IMAGENET_DEFAULT_MEAN),
-                     std=cfg.get("std", IMAGENET_DEFAULT_STD))
+                     val_top1=float("nan"), phase="labeler", mean=mean, std=std)
     return {"imported": str(path), "model_name": model_name, "export": str(out_path)}

@@ -261,6 +261,31 @@ def test_import_labeler_exports_a_published_labeler_for_the_student(data, tmp_pa
     assert load_file(out)["phase"] == "labeler"
 
 
+def test_import_labeler_keeps_a_project_labelers_architecture_and_checks_classes(data, tmp_path) -> None:
+    register_tiny_models()
+    split, _ = data
+    src = timm.create_model(TINY_TOKEN, num_classes=2, img_size=32)
+    other = tmp_path / "other" / "labeler.pt"
+    export_model(other, model_name=TINY_TOKEN, num_classes=2, classes=["bright", "dark"], img_size=32,
+                 state_dict=src.state_dict(), source="ema", epoch=3, val_top1=0.9, phase="labeler",
+                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    out = tmp_path / "labeler" / "labeler.pt"
+    # the stage passes the student's architecture; a project file keeps its own
+    run_mod.import_labeler(other, model_name="fan_tiny_8_p4_hybrid_token", split_dir=split, out_path=out,
+                           img_size=64, device="cpu")
+    meta = load_file(out)
+    assert (meta["model_name"], meta["img_size"], tuple(meta["mean"])) == (TINY_TOKEN, 32, (0.5, 0.5, 0.5))
+    run_mod.load_labeler(out, "cpu", num_classes=2, img_size=32, classes=["bright", "dark"])
+    renamed = tmp_path / "renamed" / "labeler.pt"
+    export_model(renamed, model_name=TINY_TOKEN, num_classes=2, classes=["x", "y"], img_size=32,
+                 state_dict=src.state_dict(), source="ema", epoch=3, val_top1=0.9, phase="labeler",
+                 mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    with pytest.raises(ValueError, match=r"labels the classes \['x', 'y'\] but the dataset's are"):
+        run_mod.import_labeler(renamed, model_name=TINY_TOKEN, split_dir=split, out_path=tmp_path / "l.pt",
+                               img_size=32, device="cpu")
+    assert not (tmp_path / "l.pt").exists()
+
+
 def test_only_settings_that_change_the_weights_are_fingerprinted() -> None:
     stl, hot = StlConfig(), StlConfig(gumbel_tau=3.0)
     assert run_mod._phase_stl_settings("student", stl) == run_mod._phase_stl_settings("student", hot)  # hard

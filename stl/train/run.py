@@ -273,6 +273,9 @@ def train_model(
 ) -> dict[str, Any]:
     """Train (or resume, or just re-export) one phase; every rank calls it. Returns the summary on all ranks.
 
+    The best epoch is chosen on the better of the EMA and raw weights' validation top-1, except in the labeler
+    phase: with EMA on, the labeler is the best EMA checkpoint (as STL trains it).
+
     Summary: best_top1, best_epoch, best_source ('ema' | 'model'), epochs_run (in this call), seconds,
     images_per_second, resumed_from_epoch (None when fresh), export (path of model.pt / labeler.pt).
     Leaves the process group up (the caller owns :func:`stl.distributed.cleanup_distributed`).
@@ -443,7 +446,8 @@ def train_model(
             ema_val = evaluate(ema.module, val_loader, device=dev, amp_dtype=amp_dtype,
                                channels_last=opts.channels_last)
             row.update(ema_val_top1=ema_val["top1"], ema_val_loss=ema_val["loss"])
-            if ema_val["top1"] > epoch_top1:
+            # the token labeler is the best EMA checkpoint (STL); other phases keep the better weights
+            if phase == "labeler" or ema_val["top1"] > epoch_top1:
                 epoch_top1, epoch_source = ema_val["top1"], "ema"
         improved = epoch_top1 > best_top1
         if improved:

@@ -214,6 +214,7 @@ def test_stl_labeler_then_student(data, tmp_path: Path) -> None:
     labeler_file = tmp_path / "labeler" / "labeler.pt"
     assert labeler_file.is_file() and not (tmp_path / "labeler" / "model.pt").exists()
     assert load_file(labeler_file)["phase"] == "labeler" and lab["epochs_run"] == 1
+    assert lab["best_source"] == load_file(labeler_file)["source"] == "ema"  # STL: the best EMA checkpoint
     student = _train(data, tmp_path / "student", epochs=1, phase="student", model=TINY_TOKEN, stl=stl,
                      labeler_path=labeler_file, tracker=tracker)
     assert student["epochs_run"] == 1

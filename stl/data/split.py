@@ -65,10 +65,11 @@ def split_dataset(
             f"one folder per class with its images inside."
         )
     paths = [path for class_files in files.values() for path in class_files]
-    checked = _validate(paths, workers)
-    reasons = {path: reason for path, (reason, _) in zip(paths, checked, strict=True)}
-    digests = {path.relative_to(raw_dir).as_posix(): digest for path, (_, digest) in zip(paths, checked,
-                                                                                          strict=True)}
+    reasons: dict[Path, str | None] = {}
+    digests: dict[str, str] = {}  # relative path -> file sha256
+    for path, (reason, digest) in zip(paths, _validate(paths, workers), strict=True):
+        reasons[path] = reason
+        digests[path.relative_to(raw_dir).as_posix()] = digest
     valid: dict[str, list[str]] = {}
     for name in classes:
         valid[name] = []

@@ -10,6 +10,7 @@ from pathlib import Path
 from stl.cli import run_stage
 from stl.config import load_config, to_flat_dict
 from stl.distributed import cleanup_distributed
+from stl.evaluate.infer import keep_freed_memory
 from stl.evaluate.run import evaluate_model
 from stl.tracking import Tracker
 
@@ -23,6 +24,7 @@ STUDENT, LABELER, OUT, METRICS = (
 
 def main() -> None:
     cfg = load_config()
+    keep_freed_memory()  # this process only runs inference: reuse freed activations batch after batch
     ev, rob = cfg.evaluate, cfg.evaluate.robustness
     tracker = Tracker.continue_run(STUDENT / "mlflow_run.json", claim_tag="stl.phase.evaluate")
     with tracker:

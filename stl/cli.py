@@ -137,8 +137,17 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``stl`` console script; returns the exit status (1 after a user error)."""
+    """Entry point of the ``stl`` console script; returns the exit status (1 after a user error).
+
+    Run as the command (``argv`` None: the process is this command's alone), ``predict`` first makes glibc
+    keep freed memory for the next batch (:func:`stl.evaluate.infer.keep_freed_memory`); called with ``argv``
+    from Python, the caller's process is left as it is.
+    """
     args = _build_parser().parse_args(argv)
+    if argv is None and args.fn is _cmd_predict:
+        from stl.evaluate.infer import keep_freed_memory
+
+        keep_freed_memory()
     try:
         args.fn(args)
     except (*USER_ERRORS, OSError) as e:  # OSError: e.g. --output in a folder without write permission

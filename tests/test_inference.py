@@ -222,3 +222,26 @@ def test_export_default_path_and_failures_leave_nothing(token_model, tmp_path, m
     with pytest.raises(ExportError, match=r'pip install "stl\[export\]"'):
         export_trained_model(token_model, "onnx", tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc")
+def test_keep_freed_memory_reuses_large_blocks() -> None:
+    """In a fresh process: a freed 64 MiB tensor is page-faulted in again by default, reused after the call."""
+    import subprocess
+
+    code = (
+        "import resource, torch\n"
+        "from stl.evaluate.infer import keep_freed_memory\n"
+        "def faults():\n"
+        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "    torch.ones(16 * 2**20)\n"  # 64 MiB, filled (touched) and freed
+        "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "faults(); default = faults()\n"
+        "print(keep_freed_memory())\n"
+        "faults(); kept = faults()\n"
+        "print(default, kept)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    default, kept = int(out[1]), int(out[2])
+    assert out[0] == "True"
+    assert default > 8000 and kept < default / 10  # 16384 pages of 4 KiB: faulted in again vs reused

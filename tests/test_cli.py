@@ -156,7 +156,8 @@ def test_exit_codes_through_a_real_subprocess(model_file, images, tmp_path):
     rows = _rows(proc.stdout)
     assert len(rows) == 6 and sum(bool(r["error"]) for r in rows) == 2
     out = tmp_path / "in_process.csv"  # the command (allocator tuned) predicts what the library does
-    assert main(["predict", str(model_file), str(tmp_path / "imgs"), "--topk", "1", "--output", str(out)]) == 0
+    args = ["predict", str(model_file), str(tmp_path / "imgs"), "--topk", "1", "--output", str(out)]
+    assert main(args) == 0
     assert rows == _rows(out.read_text())
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00garbage")

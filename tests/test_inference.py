@@ -226,7 +226,7 @@ def test_export_default_path_and_failures_leave_nothing(token_model, tmp_path, m
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc malloc")
 def test_keep_freed_memory_reuses_large_blocks() -> None:
-    """In a fresh process: a freed 64 MiB tensor is page-faulted in again by default, reused after the call."""
+    """In a fresh process: a freed 64 MiB tensor is faulted in again by default, reused after the call."""
     import subprocess
 
     code = (
@@ -241,7 +241,8 @@ def test_keep_freed_memory_reuses_large_blocks() -> None:
         "faults(); kept = faults()\n"
         "print(default, kept)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = proc.stdout.split()
     default, kept = int(out[1]), int(out[2])
     assert out[0] == "True"
     assert default > 8000 and kept < default / 10  # 16384 pages of 4 KiB: faulted in again vs reused

@@ -84,7 +84,11 @@ def test_no_weight_decay_and_group_matcher(make_tiny: MakeTiny) -> None:
     assert id(names["blocks.0.attn.q.weight"]) in decayed
 
 
-def test_grad_checkpointing_same_result(make_tiny: MakeTiny) -> None:
+def test_grad_checkpointing_same_result(make_tiny: MakeTiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    recomputed = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda fn, *a, **kw: (recomputed.append(fn), checkpoint(fn, *a, **kw))[1])
     model = make_tiny("token").train()
     model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     x = torch.randn(2, 3, 32, 32)
@@ -97,8 +101,10 @@ def test_grad_checkpointing_same_result(make_tiny: MakeTiny) -> None:
         return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
     loss_a, grads_a = run()
+    assert recomputed == []
     model.set_grad_checkpointing(True)
     loss_b, grads_b = run()
+    assert recomputed == list(model.blocks)  # every FAN block, once
     torch.testing.assert_close(loss_a, loss_b)
     for a, b in zip(grads_a, grads_b, strict=True):
         torch.testing.assert_close(a, b)

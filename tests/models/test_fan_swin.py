@@ -134,7 +134,13 @@ def test_no_weight_decay_names() -> None:
     assert len(names) == 8 and all(n in params and n.endswith("relative_position_bias_table") for n in names)
 
 
-def test_grad_checkpointing_same_output() -> None:
+def test_grad_checkpointing_same_output(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stl.models import fan_swin
+
+    recomputed = []
+    checkpoint = fan_swin.checkpoint
+    monkeypatch.setattr(fan_swin, "checkpoint",
+                        lambda fn, *a, **kw: (recomputed.append(fn), checkpoint(fn, *a, **kw))[1])
     model = _narrow().train()
     x = torch.randn(2, 3, 64, 64)
 
@@ -145,8 +151,10 @@ def test_grad_checkpointing_same_output() -> None:
         return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     y0, g0 = run()
+    assert recomputed == []
     model.set_grad_checkpointing(True)
     y1, g1 = run()
+    assert len(recomputed) == sum(len(layer.blocks) for layer in model.layers)  # every block, once
     torch.testing.assert_close(y1, y0)
     assert g1.keys() == g0.keys()
     for n in g0:
@@ -165,4 +173,4 @@ def test_bf16_autocast() -> None:
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().sum().backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -83,7 +83,8 @@ def test_linear_gelu_linear_refuses_a_second_backward() -> None:
 @pytest.mark.parametrize("drop", [0.0, 0.3])
 def test_gelu_mlp_is_timm_mlp(drop: float) -> None:
     ours, timm_mlp = GeluMlp(8, 32, drop=drop), Mlp(8, 32, drop=drop)
-    assert ours.load_state_dict(timm_mlp.state_dict()) is not None  # same parameter names and shapes
+    result = ours.load_state_dict(timm_mlp.state_dict())  # same parameter names and shapes
+    assert result.missing_keys == result.unexpected_keys == []
     x = torch.randn(4, 6, 8)
     for mode in ("train", "eval"):
         getattr(ours, mode)(), getattr(timm_mlp, mode)()

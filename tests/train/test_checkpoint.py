@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -49,7 +50,9 @@ def test_atomic_write_text(tmp_path: Path) -> None:
     path = tmp_path / "sub" / "history.json"
     write_bytes_atomic(path, "[]\n")
     assert path.read_text() == "[]\n"
-    assert path.stat().st_mode & 0o644 == 0o644
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # what open() would give
 
 
 def test_load_file_errors_name_the_file(tmp_path: Path) -> None:

@@ -21,10 +21,11 @@ class _Toy(nn.Module):
         super().__init__()
         self.fc = nn.Linear(3 * 4 * 4, 2)
         self.aux = nn.Linear(3, 2) if token else None
-        self.calls, self.poison_after = 0, poison_after
+        self.calls, self.poison_after, self.modes = 0, poison_after, []
 
     def forward(self, x: torch.Tensor):
         self.calls += 1
+        self.modes.append(self.training)
         out = self.fc(x.flatten(1))
         if self.poison_after is not None and self.calls > self.poison_after:
             out = out * float("nan")
@@ -104,4 +105,40 @@ def test_evaluate_counts_every_image_once() -> None:
     model = _Toy(token=True)
     metrics = evaluate(model, _loader(n=10, batch=4), device=torch.device("cpu"))
     assert metrics["count"] == 10 and 0 <= metrics["top1"] <= 100 and metrics["loss"] > 0
-    assert model.training  # mode restored
+    assert model.modes == [False, False, False]  # every batch in eval mode ...
+    assert model.training  # ... and the mode restored
+
+
+class _RecordingLabeler(nn.Module):
+    """A token labeler that remembers the images it labelled (16 tokens, 2 classes, like ``_Toy``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor):
+        self.seen.append(x.clone())
+        return torch.zeros(x.shape[0], 2), x[:, :2].flatten(2).transpose(1, 2)
+
+
+def test_student_token_labels_come_from_the_unmixed_teacher_view() -> None:
+    from timm.data import Mixup
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 4, 4)
+    teacher = x + 10.0  # a view the student never sees, told apart from any mix of x
+    labels = torch.tensor([0, 1] * 4)
+    loader = DataLoader(TensorDataset(x, teacher, labels), batch_size=4)
+    labeler = _RecordingLabeler()
+    model = _Toy(token=True)
+    opt = create_optimizer(model, name="adamw", lr=1e-2, weight_decay=0.0)
+    loss_fn = PhaseLoss(phase="student", num_classes=2, mixup_active=True, labeler=labeler)
+    mixup = Mixup(mixup_alpha=1.0, cutmix_alpha=0.0, prob=1.0, num_classes=2, label_smoothing=0.1)
+    mixed: list[torch.Tensor] = []
+    model.register_forward_pre_hook(lambda _, args: mixed.append(args[0].clone()))
+    train_one_epoch(model, loader, opt, loss_fn, epoch=0, epochs=1, device=torch.device("cpu"),
+                    num_updates=0, mixup_fn=mixup)
+    assert len(labeler.seen) == 2
+    for step in range(2):
+        torch.testing.assert_close(labeler.seen[step], teacher[4 * step:4 * step + 4], rtol=0, atol=0)
+        assert not torch.allclose(mixed[step], x[4 * step:4 * step + 4])  # the student's batch was mixed

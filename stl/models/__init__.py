@@ -10,6 +10,7 @@ Typical use (the labeler checkpoint's 1000-class heads are dropped for a 5-class
 from . import fan, fan_swin  # noqa: F401  (registration side effect)
 from .checkpoint import load_checkpoint, read_checkpoint
 from .fan import FAN
+from .layers import fused_backward
 from .outputs import FUSED_WEIGHT, fused_logits, prediction_logits, split_outputs, token_grid
 from .registry import (
     MODEL_ALIASES,
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "MODEL_ALIASES",
     "export_model",
+    "fused_backward",
     "fused_logits",
     "is_token_model",
     "list_models",

@@ -27,6 +27,8 @@ _STATE_KEYS = ("state_dict", "model", "state_dict_ema")
 _PREFIXES = ("module.", "_orig_mod.")  # DDP / DataParallel, torch.compile
 _HEAD_RE = re.compile(r"^(head|aux_head)\.")
 _FUSED_QKV_RE = re.compile(r"^(cls_attn_blocks\.\d+\.attn)\.qkv\.(weight|bias)$")
+# buffers a model rebuilds from its geometry and replaces on load (FAN-Swin): never missing or mis-shaped
+_GEOMETRY_RE = re.compile(r"(^|\.)(attn_mask|relative_position_index)$")
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -56,12 +58,16 @@ def _select_state_dict(ckpt: Any, use_ema: bool, path: Path) -> tuple[dict[str, 
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: expected a dict checkpoint, got {type(ckpt).__name__}")
     if use_ema:
-        if not _is_state_dict(ckpt.get("state_dict_ema")):
-            raise ValueError(
-                f"{path}: use_ema=True but the file has no 'state_dict_ema' "
-                f"(top-level keys: {sorted(ckpt)}); load it with use_ema=False"
-            )
-        return dict(ckpt["state_dict_ema"]), "state_dict_ema"
+        for key in ("state_dict_ema", "ema"):  # published files; this project's training checkpoints
+            if _is_state_dict(ckpt.get(key)):
+                return dict(ckpt[key]), key
+        if ckpt.get("source") == "ema" and _is_state_dict(ckpt.get("state_dict")):  # an exported model.pt
+            return dict(ckpt["state_dict"]), "state_dict"
+        raise ValueError(
+            f"{path}: use_ema=True but the file holds no EMA weights ('state_dict_ema', 'ema', or a model "
+            f"file exported from its EMA; top-level keys: {sorted(ckpt)}); load it with use_ema=False "
+            "(train.pretrained_ema: false) to take the weights it has"
+        )
     for key in _STATE_KEYS:
         if _is_state_dict(ckpt.get(key)):
             return dict(ckpt[key]), key
@@ -94,6 +100,17 @@ def _clean_keys(state: dict[str, torch.Tensor], model_keys: set[str]) -> dict[st
     return out
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` and DistributedDataParallel / DataParallel wrappers."""
+    while True:
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel | nn.DataParallel):
+            model = model.module
+        else:
+            return model
+
+
 def load_checkpoint(
     model: nn.Module,
     path: str | Path,
@@ -117,6 +134,7 @@ def load_checkpoint(
     path = Path(path)
     ckpt = read_checkpoint(path)
     state, source_key = _select_state_dict(ckpt, use_ema, path)
+    model = _unwrap(model)
     model_state = model.state_dict()
     state = _clean_keys(state, set(model_state))
 
@@ -126,7 +144,9 @@ def load_checkpoint(
     to_load: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         is_head = drop_mismatched_heads and bool(_HEAD_RE.match(key))
-        if key not in model_state:
+        if _GEOMETRY_RE.search(key):
+            to_load[key] = value  # the owning module keeps (or drops) its own; see _GEOMETRY_RE
+        elif key not in model_state:
             (dropped if is_head else unexpected).append(key)
         elif tuple(value.shape) != tuple(model_state[key].shape):
             if is_head:
@@ -137,7 +157,7 @@ def load_checkpoint(
                 )
         else:
             to_load[key] = value
-    not_loaded = [k for k in model_state if k not in to_load]
+    not_loaded = [k for k in model_state if k not in to_load and not _GEOMETRY_RE.search(k)]
     initialised = [k for k in not_loaded if drop_mismatched_heads and _HEAD_RE.match(k)]
     missing = [k for k in not_loaded if k not in initialised]
 

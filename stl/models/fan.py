@@ -197,14 +197,12 @@ class FAN(nn.Module):
                 f"FAN pools with its class token: global_pool must be 'token', got {global_pool!r}"
             )
         self.num_classes = num_classes
-        device = self.cls_token.device
-        self.head = (
-            nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-        )
+        where = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
+        self.head = nn.Linear(self.num_features, num_classes, **where) if num_classes > 0 else nn.Identity()
         init_fan_weights(self.head)
         if self.return_dense:
             self.aux_head = (
-                nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
+                nn.Linear(self.num_features, num_classes, **where) if num_classes > 0 else nn.Identity()
             )
             init_fan_weights(self.aux_head)
 

@@ -13,9 +13,11 @@ Token tensors are ``[B, N, C]`` with ``N = H * W`` in row-major order; modules t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,7 @@ __all__ = [
     "SqueezeExcite",
     "TokenMixing",
     "clear_buffer_pool",
+    "fused_backward",
     "head_dim_of",
     "init_fan_weights",
     "linear_gelu_linear",
@@ -96,12 +99,35 @@ def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
+_FUSED_BACKWARD = True
+
+
+@contextlib.contextmanager
+def fused_backward(enabled: bool) -> Iterator[None]:
+    """Switch the buffer-reusing autograd functions (the MLPs' fused backward, the 7x7 depthwise weight
+    gradient) on or off inside the block; on by default.
+
+    They make CPU training faster and leaner but run backward once per forward and only to first order. Turn
+    them off for double backward, ``retain_graph=True`` with several backward calls, or ``torch.func``
+    transforms: the models then record the plain ops (same results, the plain graph's speed and memory).
+    """
+    global _FUSED_BACKWARD
+    previous, _FUSED_BACKWARD = _FUSED_BACKWARD, enabled
+    try:
+        yield
+    finally:
+        _FUSED_BACKWARD = previous
+
+
 def _records_eager_backward(*tensors: torch.Tensor) -> bool:
     """Whether a buffer-reusing autograd function applies: an eager forward that autograd records (inference
-    gets the plain ops; ``torch.compile`` too, as it plans memory itself)."""
+    gets the plain ops; ``torch.compile`` and tracing too, as they record ops themselves), unless switched off
+    with :func:`fused_backward`."""
     return (
-        torch.is_grad_enabled()
+        _FUSED_BACKWARD
+        and torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and any(t.requires_grad for t in tensors)
     )
 
@@ -120,7 +146,8 @@ def _consume_saved(ctx, what: str) -> None:
     if ctx.consumed:
         raise RuntimeError(
             f"the fused {what}'s graph was run backward twice (retain_graph=True); its backward reuses its "
-            "saved activations. Run one backward per forward"
+            "saved activations. Run one backward per forward, or build the graph under "
+            "`with stl.models.fused_backward(False):`"
         )
     ctx.consumed = True
 
@@ -503,6 +530,9 @@ class FanMlp(nn.Module):
         dw, bn = self.dwconv, self.dwconv.bn
         if x.shape[1] != H * W:
             raise ValueError(f"token count {x.shape[1]} does not match the grid {H}x{W}")
+        if bn.training and x.shape[0] * H * W == 1:  # as F.batch_norm: one value gives no variance
+            size = [1, x.shape[2], H, W]
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
         momentum = 0.0
         if bn.training:
             bn.num_batches_tracked.add_(1)

@@ -11,6 +11,7 @@ Keys: ``model_name``, ``num_classes``, ``classes``, ``img_size``, ``state_dict``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -35,8 +36,17 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling problem is one message
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {e}); "
-                              "delete it to start over") from None
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if found:  # a pickled class: a published checkpoint, say, not one of our files
+            raise CheckpointError(
+                f"{path}: cannot be read as a file written by this project (it pickles the Python class "
+                f"{found[1]}). Published FAN / STL checkpoints are read by stl.models.load_checkpoint "
+                "(train.pretrained, stl.labeler)") from None
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        detail = found[1].strip() if found else f"{type(e).__name__}: {text.strip().splitlines()[0]}"[:300]
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({detail}); if training wrote it and "
+                              "was interrupted, delete it to start over") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj

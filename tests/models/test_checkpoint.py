@@ -125,7 +125,7 @@ def test_missing_file_and_missing_ema(tmp_path: Path, source: FAN) -> None:
         load_checkpoint(source, missing)
     path = tmp_path / "no_ema.pth.tar"
     torch.save({"state_dict": source.state_dict()}, path)
-    with pytest.raises(ValueError, match="state_dict_ema"):
+    with pytest.raises(ValueError, match=r"no EMA weights \('state_dict_ema', 'ema'.*use_ema=False"):
         load_checkpoint(source, path, use_ema=True)
 
 
@@ -146,3 +146,29 @@ def test_malicious_pickle_is_refused(tmp_path: Path, source: FAN) -> None:
     with pytest.raises(ValueError, match="refused"):
         load_checkpoint(source, path)
     assert not marker.exists()
+
+
+def test_use_ema_reads_this_projects_files_and_wrapped_models_load(tmp_path: Path, source: FAN,
+                                                                   make_tiny: MakeTiny) -> None:
+    from stl.models import export_model
+
+    ema = make_tiny("token", num_classes=5)
+    torch.nn.init.normal_(ema.head.weight)
+    last = tmp_path / "last.pt"  # a training checkpoint: raw weights under model, EMA under ema
+    torch.save({"model": source.state_dict(), "ema": ema.state_dict(), "epoch": 3}, last)
+    target = make_tiny("token", num_classes=5)
+    assert load_checkpoint(target, last, use_ema=True)["source_key"] == "ema"
+    _assert_same_weights(target, ema)
+    assert load_checkpoint(target, last)["source_key"] == "model"
+    _assert_same_weights(target, source)
+    exported = tmp_path / "model.pt"
+    export_model(exported, model_name="x", num_classes=5, classes=list("abcde"), img_size=32,
+                 state_dict=ema.state_dict(), source="ema", epoch=3, val_top1=1.0, phase="labeler",
+                 mean=(0.5,) * 3, std=(0.5,) * 3)
+    from_export = make_tiny("token", num_classes=5)
+    assert load_checkpoint(from_export, exported, use_ema=True)["source_key"] == "state_dict"
+    _assert_same_weights(from_export, ema)
+    for wrapped in (torch.compile(make_tiny("token", num_classes=5)),
+                    torch.nn.DataParallel(make_tiny("token", num_classes=5))):
+        assert load_checkpoint(wrapped, last, use_ema=True)["missing"] == []
+        _assert_same_weights(getattr(wrapped, "_orig_mod", None) or wrapped.module, ema)

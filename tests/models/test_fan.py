@@ -273,3 +273,58 @@ def test_folded_layer_scales_match_the_unfolded_formula(make_tiny: MakeTiny) -> 
     torch.testing.assert_close(gx_a, gx_b)
     for a, b in zip(gp_a, gp_b, strict=True):  # float32 rounding relative to each gradient's scale
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-6 + 1e-5 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["vit", "token"])
+def test_plain_autograd_when_fused_backward_is_off(make_tiny: MakeTiny, kind: str) -> None:
+    """Two backward calls on one graph and double backward need the plain ops: fused_backward(False)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from stl.models import fused_backward
+
+    model = make_tiny(kind).train()
+    model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+
+    def loss_of(out) -> torch.Tensor:
+        return (out[0] if isinstance(out, tuple) else out).square().sum()
+
+    loss = loss_of(model(x))
+    loss.backward(retain_graph=True)
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert len(fused) > 10
+    with pytest.raises(RuntimeError, match=r"with stl.models.fused_backward\(False\)"):
+        loss.backward()
+    model.zero_grad()
+    with fused_backward(False):
+        loss = loss_of(model(x))
+    loss.backward(retain_graph=True)
+    params = dict(model.named_parameters())
+    for name, grad in fused.items():  # the same gradients either way
+        torch.testing.assert_close(params[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    loss.backward()  # a second backward on the plain graph
+    x.grad = None
+    with fused_backward(False), sdpa_kernel(SDPBackend.MATH):  # (the CPU flash kernel is first-order)
+        (grad_x,) = torch.autograd.grad(loss_of(model(x)), x, create_graph=True)
+        grad_x.square().sum().backward()  # second order
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:FutureWarning")
+def test_trace_without_no_grad_and_batch_one_in_training(make_tiny: MakeTiny) -> None:
+    model = make_tiny("token").eval()
+    x = torch.randn(1, 3, 32, 32)
+    traced = torch.jit.trace(model, x, check_trace=False)  # the fused functions stay out of traces
+    for got, want in zip(traced(x), model(x), strict=True):
+        torch.testing.assert_close(got, want)
+    model.train()
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        model(torch.randn(1, 3, 16, 16))  # a 1x1 token grid: BatchNorm has one value per channel
+
+
+def test_reset_classifier_keeps_dtype_and_device(make_tiny: MakeTiny) -> None:
+    model = make_tiny("token").to(torch.bfloat16)
+    model.reset_classifier(3)
+    assert model.head.weight.dtype == model.aux_head.weight.dtype == torch.bfloat16
+    cls_logits, aux_logits = model.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
+    assert cls_logits.shape == (1, 3) and aux_logits.shape[-1] == 3

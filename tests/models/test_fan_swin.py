@@ -174,3 +174,22 @@ def test_bf16_autocast() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x).float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_load_checkpoint_across_build_sizes(tmp_path: Path) -> None:
+    """The geometry buffers (shift masks, relative-position indices) are rebuilt, never loaded."""
+    from stl.models import load_checkpoint
+
+    small = _narrow(img_size=112)
+    path = tmp_path / "small.pth"
+    torch.save({"state_dict": small.state_dict()}, path)
+    big = _narrow(img_size=160)
+    info = load_checkpoint(big, path)
+    assert info["missing"] == info["mismatched"] == []
+    for key, value in small.state_dict().items():
+        if not key.endswith(("attn_mask", "relative_position_index")):
+            torch.testing.assert_close(big.state_dict()[key], value, msg=key)
+    x = torch.randn(1, 3, 160, 160)
+    big.eval()
+    with torch.inference_mode():
+        assert torch.isfinite(big(x)).all()

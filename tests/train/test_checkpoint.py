@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 from pathlib import Path
@@ -60,8 +61,14 @@ def test_load_file_errors_name_the_file(tmp_path: Path) -> None:
         load_file(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match=str(bad)):
+    with pytest.raises(CheckpointError, match=str(bad)) as err:
         load_file(bad)
+    assert "delete it to start over" in str(err.value) and "weights_only" not in str(err.value)
+    published = tmp_path / "fan_tiny.pth.tar"  # a published checkpoint, not a file of ours: say where it goes
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "args": argparse.Namespace(lr=1e-3)}, published)
+    with pytest.raises(CheckpointError, match="pickles the Python class argparse.Namespace") as err:
+        load_file(published)
+    assert "stl.models.load_checkpoint" in str(err.value) and "delete" not in str(err.value)
 
 
 def test_fingerprint_tracks_settings_and_file_contents(tmp_path: Path) -> None:

@@ -99,24 +99,28 @@ def _image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(B, H * W, C)
 
 
-_FUSED_BACKWARD = True
+_FUSED_BACKWARD = threading.local()  # per thread, like torch's grad mode
+
+
+def _fused_backward_enabled() -> bool:
+    return getattr(_FUSED_BACKWARD, "enabled", True)
 
 
 @contextlib.contextmanager
 def fused_backward(enabled: bool) -> Iterator[None]:
     """Switch the buffer-reusing autograd functions (the MLPs' fused backward, the 7x7 depthwise weight
-    gradient) on or off inside the block; on by default.
+    gradient) on or off inside the block, in this thread; on by default.
 
     They make CPU training faster and leaner but run backward once per forward and only to first order. Turn
     them off for double backward, ``retain_graph=True`` with several backward calls, or ``torch.func``
     transforms: the models then record the plain ops (same results, the plain graph's speed and memory).
     """
-    global _FUSED_BACKWARD
-    previous, _FUSED_BACKWARD = _FUSED_BACKWARD, enabled
+    previous = _fused_backward_enabled()
+    _FUSED_BACKWARD.enabled = enabled
     try:
         yield
     finally:
-        _FUSED_BACKWARD = previous
+        _FUSED_BACKWARD.enabled = previous
 
 
 def _records_eager_backward(*tensors: torch.Tensor) -> bool:
@@ -124,10 +128,10 @@ def _records_eager_backward(*tensors: torch.Tensor) -> bool:
     gets the plain ops; ``torch.compile`` and tracing too, as they record ops themselves), unless switched off
     with :func:`fused_backward`."""
     return (
-        _FUSED_BACKWARD
-        and torch.is_grad_enabled()
+        torch.is_grad_enabled()
         and not torch.compiler.is_compiling()
         and not torch.jit.is_tracing()
+        and _fused_backward_enabled()
         and any(t.requires_grad for t in tensors)
     )
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -229,6 +230,16 @@ def _settings(phase: str, model_name: str, opts: TrainConfig, epochs: int, seed:
     }
 
 
+def _image_digests(split_dir: Path) -> dict[str, str] | None:
+    """The train and val images' digests from the split's contents.json (the manifests only name the files;
+    the test images do not change what is trained). None for a split made before contents.json existed."""
+    path = split_dir / "contents.json"
+    if not path.is_file():
+        return None
+    contents = json.loads(path.read_text())
+    return {split: contents.get(split, "") for split in ("train", "val")}
+
+
 # --- resume decision ----------------------------------------------------------------------------------------
 def _decide(ckpt_dir: Path, fp: str, epochs: int) -> tuple[str, str, dict | None]:
     """('fresh' | 'resume' | 'done', reason, last-checkpoint or None), decided on rank 0."""
@@ -314,13 +325,14 @@ def train_model(
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: run the split stage (dvc repro split) first")
     export = _export_name(phase, export_name)
-    # contents.json: the images' bytes (the manifests only name them)
-    fp_files: list[Path] = [train_csv, val_csv, split_dir / "classes.json", split_dir / "contents.json"]
+    fp_files: list[Path] = [train_csv, val_csv, split_dir / "classes.json"]
     if labeler_path is not None and phase == "student":
         fp_files.append(Path(labeler_path))
     if opts.pretrained and Path(opts.pretrained).is_file():
         fp_files.append(Path(opts.pretrained))
-    fp = fingerprint(_settings(phase, model_name, opts, epochs, seed, info.world_size, dev, stl), fp_files)
+    settings = _settings(phase, model_name, opts, epochs, seed, info.world_size, dev, stl)
+    settings["images"] = _image_digests(split_dir)
+    fp = fingerprint(settings, fp_files)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else out_dir / "checkpoints"
     last_path, best_path, export_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / export
 

@@ -222,3 +222,32 @@ def test_linear_gelu_linear_reuses_its_buffers_across_steps(monkeypatch: pytest.
         torch.testing.assert_close(g, r)
     clear_buffer_pool()
     assert _POOL.nbytes == 0
+
+
+def test_fused_backward_switch_is_per_thread() -> None:
+    import threading
+
+    from stl.models import fused_backward
+    from stl.models.layers import _records_eager_backward
+
+    x = torch.randn(2, requires_grad=True)
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def other() -> None:
+        with fused_backward(False):
+            seen["other"] = _records_eager_backward(x)
+            inside.set()
+            release.wait()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    inside.wait()
+    seen["main"] = _records_eager_backward(x)  # another thread's switch does not reach this one
+    release.set()
+    thread.join()
+    assert seen == {"other": False, "main": True}
+    with fused_backward(False):
+        with fused_backward(True):
+            assert _records_eager_backward(x)
+        assert not _records_eager_backward(x)
+    assert _records_eager_backward(x)

@@ -171,6 +171,10 @@ def test_changed_images_under_the_same_names_start_fresh(tmp_path: Path, capsys)
     capsys.readouterr()
     summary = _train(data, tmp_path / "out", epochs=1)
     assert "fingerprint differs" in capsys.readouterr().out and summary["epochs_run"] == 1
+    first_test = (split / "test.csv").read_text().splitlines()[1].split(",")[0]
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(raw / first_test)  # a test image does not change training
+    split_dataset(raw, split, 0.6, 0.2, 0.2, seed=0)
+    assert _train(data, tmp_path / "out", epochs=1)["epochs_run"] == 0
 
 
 def test_odd_batch_with_mixup_is_refused(data, tmp_path: Path) -> None:

@@ -41,10 +41,11 @@ def keep_freed_memory(max_kept_bytes: int = 1 << 30) -> bool:
 
     Inference allocates the same activations batch after batch. By default glibc serves each large one with
     fresh pages from mmap and unmaps it when freed, so every batch page-faults its activations in again; with
-    every block on the heap and up to ``max_kept_bytes`` of free memory kept, ``stl predict`` with FAN-ViT-T
-    at 224 px spends ~1.5x less time on its batches, for ~15% more peak memory. Results do not change.
-    Process-wide, so only processes that just run inference (``stl predict``, the evaluate stage) call it.
-    Returns whether it took effect (False off glibc).
+    every block on the heap, ``stl predict`` with FAN-ViT-T at 224 px spends ~1.5x less time on its batches,
+    for ~15% more peak memory. Results do not change. The cost: memory freed below a live block stays with
+    the process until it exits (only free memory at the top of the heap beyond ``max_kept_bytes`` goes back
+    to the OS). Process-wide, so only short processes that just run inference (``stl predict``, the
+    evaluate stage) call it. Returns whether it took effect (False off glibc).
     """
     import ctypes
     import platform

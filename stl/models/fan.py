@@ -14,7 +14,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -28,6 +27,7 @@ from .layers import (
     FANBlockSE,
     OverlapPatchEmbed,
     PositionalEncodingFourier,
+    checkpoint_block,
     init_fan_weights,
 )
 
@@ -214,7 +214,7 @@ class FAN(nn.Module):
         x = self.pos_drop(x + self.pos_embed(H, W))
         for blk in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled() and not torch.jit.is_scripting():
-                x, H, W = torch.utils.checkpoint.checkpoint(blk, x, H, W, use_reentrant=False)
+                x, H, W = checkpoint_block(blk, x, H, W)
             else:
                 x, H, W = blk(x, H, W)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)

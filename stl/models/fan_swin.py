@@ -34,9 +34,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, PatchEmbed, to_2tuple, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .layers import ChannelProcessing, GeluMlp, head_dim_of, init_fan_weights
+from .layers import ChannelProcessing, GeluMlp, checkpoint_block, head_dim_of, init_fan_weights
 
 __all__ = ["FanSwinTransformer"]
 
@@ -304,7 +303,7 @@ class FanSwinStage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x, use_reentrant=False)
+                x = checkpoint_block(blk, x)
             else:
                 x = blk(x)
         if self.downsample is not None:

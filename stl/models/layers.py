@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
@@ -39,6 +40,7 @@ __all__ = [
     "SEMlp",
     "SqueezeExcite",
     "TokenMixing",
+    "checkpoint_block",
     "clear_buffer_pool",
     "fused_backward",
     "head_dim_of",
@@ -114,6 +116,7 @@ def fused_backward(enabled: bool) -> Iterator[None]:
     They make CPU training faster and leaner but run backward once per forward and only to first order. Turn
     them off for double backward, ``retain_graph=True`` with several backward calls, or ``torch.func``
     transforms: the models then record the plain ops (same results, the plain graph's speed and memory).
+    The setting applies to forwards run in this thread (``nn.DataParallel`` replicas run in their own).
     """
     previous = _fused_backward_enabled()
     _FUSED_BACKWARD.enabled = enabled
@@ -121,6 +124,19 @@ def fused_backward(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _FUSED_BACKWARD.enabled = previous
+
+
+def checkpoint_block(block: nn.Module, *args: object) -> object:
+    """``block(*args)`` under non-reentrant gradient checkpointing, recomputed in backward with the
+    :func:`fused_backward` setting of the forward (backward may run in another thread or outside the
+    block)."""
+    enabled = _fused_backward_enabled()
+
+    def run(*inputs: object) -> object:
+        with fused_backward(enabled):
+            return block(*inputs)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
 
 
 def _records_eager_backward(*tensors: torch.Tensor) -> bool:

@@ -183,7 +183,8 @@ def _load_labeler(path: str | Path, device: str | torch.device, num_classes: int
                              f"{num_classes}: retrain it (dvc repro train_labeler)")
         if classes is not None and list(meta["classes"]) != list(classes):
             raise ValueError(f"token labeler {path} labels the classes {list(meta['classes'])} but the "
-                             f"dataset's are {list(classes)}: retrain it (dvc repro train_labeler)")
+                             f"dataset's are {list(classes)}: retrain it (dvc repro train_labeler), or, when "
+                             "stl.labeler names it, use one trained on these classes or set stl.labeler: ''")
     else:
         from stl.models import load_checkpoint
 
@@ -597,7 +598,8 @@ def import_labeler(path: str | Path, *, model_name: str, split_dir: Path, out_pa
                    device: str = "auto") -> dict[str, Any]:
     """Validate a token labeler from elsewhere and export it as ``labeler.pt``: a published checkpoint (its
     ``state_dict_ema``, loaded into ``model_name``) or another project's ``labeler.pt`` (kept with its own
-    architecture, image size and normalisation; its classes must be this dataset's).
+    architecture and metadata; its classes must be this dataset's). The student phase feeds it the
+    student's teacher views (every FAN model normalises with ImageNet's mean and std).
 
     The student phase then reads it like a labeler trained here. Returns a short summary.
     """

@@ -85,10 +85,13 @@ def test_no_weight_decay_and_group_matcher(make_tiny: MakeTiny) -> None:
 
 
 def test_grad_checkpointing_same_result(make_tiny: MakeTiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    from stl.models import layers
+
     recomputed = []
-    checkpoint = torch.utils.checkpoint.checkpoint
-    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
-                        lambda fn, *a, **kw: (recomputed.append(fn), checkpoint(fn, *a, **kw))[1])
+    checkpoint_block = layers.checkpoint_block
+    monkeypatch.setattr(layers, "checkpoint_block", lambda blk, *a: (recomputed.append(blk),
+                                                                     checkpoint_block(blk, *a))[1])
+    monkeypatch.setattr("stl.models.fan.checkpoint_block", layers.checkpoint_block)
     model = make_tiny("token").train()
     model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     x = torch.randn(2, 3, 32, 32)
@@ -328,3 +331,16 @@ def test_reset_classifier_keeps_dtype_and_device(make_tiny: MakeTiny) -> None:
     assert model.head.weight.dtype == model.aux_head.weight.dtype == torch.bfloat16
     cls_logits, aux_logits = model.eval()(torch.randn(1, 3, 32, 32, dtype=torch.bfloat16))
     assert cls_logits.shape == (1, 3) and aux_logits.shape[-1] == 3
+
+
+def test_checkpointed_blocks_recompute_with_the_forwards_fused_backward_setting(make_tiny: MakeTiny) -> None:
+    from stl.models import fused_backward
+
+    model = make_tiny("token").train()
+    model.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 32, 32)
+    with fused_backward(False):
+        cls_logits, aux_logits = model(x)
+    (cls_logits.sum() + aux_logits.mean()).backward()  # recomputes outside the block, as the forward ran
+    assert all(p.grad is not None for p in model.blocks.parameters())

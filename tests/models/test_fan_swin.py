@@ -138,9 +138,9 @@ def test_grad_checkpointing_same_output(monkeypatch: pytest.MonkeyPatch) -> None
     from stl.models import fan_swin
 
     recomputed = []
-    checkpoint = fan_swin.checkpoint
-    monkeypatch.setattr(fan_swin, "checkpoint",
-                        lambda fn, *a, **kw: (recomputed.append(fn), checkpoint(fn, *a, **kw))[1])
+    checkpoint_block = fan_swin.checkpoint_block
+    monkeypatch.setattr(fan_swin, "checkpoint_block",
+                        lambda blk, *a: (recomputed.append(blk), checkpoint_block(blk, *a))[1])
     model = _narrow().train()
     x = torch.randn(2, 3, 64, 64)
 

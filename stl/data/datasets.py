@@ -11,7 +11,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ def _patch_timm_posterize() -> None:
 _patch_timm_posterize()
 
 
-def load_image_rgb(path: str | Path) -> Image.Image:
+def load_image_rgb(path: str | Path | IO[bytes]) -> Image.Image:
     """Decode an image file fully and return it as 8-bit RGB, upright per its EXIF orientation.
 
     Raises the decoder's error (OSError, `PIL.UnidentifiedImageError`, ...) for files that are not images,

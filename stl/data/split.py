@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 from PIL import UnidentifiedImageError
 
 from stl.data.datasets import load_image_rgb
-from stl.io import atomic_output_dir, file_sha256
+from stl.io import atomic_output_dir
 
 __all__ = ["SPLITS", "split_dataset"]
 
@@ -174,16 +175,15 @@ def _split_digest(rows: list[tuple[str, int]], digests: dict[str, str]) -> str:
 
 
 def _validate(paths: list[Path], workers: int) -> list[tuple[str | None, str]]:
-    """Return, per file, (None when it decodes to an RGB image, else why it is skipped; its sha256)."""
+    """Return, per file, (None when it decodes to an RGB image, else why it is skipped; its bytes' sha256)."""
     from tqdm.auto import tqdm
 
     disable = True if os.environ.get("CI") else None
     with tqdm(total=len(paths), desc="checking images", unit="img", disable=disable, leave=False) as bar:
         def check(path: Path) -> tuple[str | None, str]:
-            reason = _check_image(path)
-            digest = file_sha256(path) if reason is None else ""
+            result = _check_image(path)
             bar.update()
-            return reason, digest
+            return result
 
         if workers > 1:
             with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -191,21 +191,23 @@ def _validate(paths: list[Path], workers: int) -> list[tuple[str | None, str]]:
         return [check(path) for path in paths]
 
 
-def _check_image(path: Path) -> str | None:
+def _check_image(path: Path) -> tuple[str | None, str]:
+    """(None, sha256) for a file that decodes to an RGB image, else (why it is skipped, ""); read once."""
     try:
-        if path.stat().st_size == 0:
-            return "empty file (0 bytes)"
-        image = load_image_rgb(path)
+        data = path.read_bytes()
+        if not data:
+            return "empty file (0 bytes)", ""
+        image = load_image_rgb(io.BytesIO(data))
         if image.width < 1 or image.height < 1:
-            return "image has no pixels"
+            return "image has no pixels", ""
     except UnidentifiedImageError:
-        return "not an image (unknown or unsupported format)"
+        return "not an image (unknown or unsupported format)", ""
     except Exception as err:  # any decoder failure means the file cannot be trained on
         message = str(err).replace(str(path), "<file>")
         if "truncated" in message.lower():
-            return f"truncated image ({message})"
-        return f"unreadable image ({type(err).__name__}: {message})"
-    return None
+            return f"truncated image ({message})", ""
+        return f"unreadable image ({type(err).__name__}: {message})", ""
+    return None, hashlib.sha256(data).hexdigest()
 
 
 def _check_class_sizes(

@@ -44,7 +44,8 @@ def load_file(path: str | Path, map_location: str | torch.device = "cpu") -> dic
                 f"{found[1]}). Published FAN / STL checkpoints are read by stl.models.load_checkpoint "
                 "(train.pretrained, stl.labeler)") from None
         found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        detail = found[1].strip() if found else f"{type(e).__name__}: {text.strip().splitlines()[0]}"[:300]
+        first_line = (text.strip().splitlines() or [""])[0]
+        detail = found[1].strip() if found else f"{type(e).__name__}: {first_line}"[:300]
         raise CheckpointError(f"{path}: cannot be read as a checkpoint ({detail}); if training wrote it and "
                               "was interrupted, delete it to start over") from None
     if not isinstance(obj, dict):

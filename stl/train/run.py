@@ -612,8 +612,7 @@ def import_labeler(path: str | Path, *, model_name: str, split_dir: Path, out_pa
     if meta is not None:
         model_name, img_size, mean, std = meta["model_name"], meta["img_size"], meta["mean"], meta["std"]
     else:
-        cfg = getattr(labeler, "pretrained_cfg", None) or {}
-        mean, std = cfg.get("mean", IMAGENET_DEFAULT_MEAN), cfg.get("std", IMAGENET_DEFAULT_STD)
+        mean, std = _mean_std(labeler)
     if is_main_process():
         export_model(out_path, model_name=model_name, num_classes=len(classes), classes=classes,
                      img_size=img_size, state_dict=labeler.state_dict(), source="ema", epoch=-1,

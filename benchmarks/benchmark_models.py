@@ -5,7 +5,7 @@ Usage::
     python benchmarks/benchmark_models.py \\
         [--models fan_tiny_12_p16_224 fan_tiny_8_p4_hybrid ...] [--batch-size 16] [--img-size 224] \\
         [--threads 2] [--iters 5] [--warmup 2] [--modes fp32 bf16] \\
-        [--reference PATH] [--compile] [--fused-adamw]
+        [--reference PATH] [--compile] [--fused-adamw] [--cpu-kernels]
 
 For every model a markdown table is printed with one row per (implementation, mode): parameters (M),
 eval images/s (forward under ``inference_mode``), training-step images/s (forward, cross-entropy, backward,
@@ -36,8 +36,10 @@ architecture arguments of our registry (its ``build_model_with_cfg`` wrappers do
 The reference has no ``*_token`` models; those are measured for ours only.
 
 ``--fused-adamw`` adds rows ``ours+fused-adamw``: our model with ``torch.optim.AdamW(fused=True)``, what
-``train.fused_optimizer: true`` uses. The ``ours`` and ``reference`` rows keep the loop AdamW, so they compare
-the models alone.
+``train.fused_optimizer: true`` uses. ``--cpu-kernels`` adds rows ``ours+cpu-kernels``: our model with
+``stl.models.use_cpu_kernels(True)`` (the fused BatchNorm + GELU kernels of ``train.cpu_kernels: true``; they
+serve fp32 training, so its bf16 and eval figures measure the same code as ``ours``). The ``ours``,
+``ours+cpu-kernels`` and ``reference`` rows keep the loop AdamW, so they compare the models alone.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from types import ModuleType
 from typing import Any
 
 DEFAULT_MODELS = ("fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid")
-OURS, REFERENCE, OURS_FUSED = "ours", "reference", "ours+fused-adamw"
+OURS, REFERENCE, OURS_FUSED, OURS_KERNELS = "ours", "reference", "ours+fused-adamw", "ours+cpu-kernels"
 _REF_PACKAGE = "_fan_reference"
 
 
@@ -113,8 +115,10 @@ def run_worker(cfg: dict[str, Any]) -> None:
     else:
         import timm
 
-        import stl.models  # noqa: F401  (registers the FAN names)
+        import stl.models  # registers the FAN names
 
+        if cfg["impl"] == OURS_KERNELS and not stl.models.use_cpu_kernels(True):
+            raise SystemExit("--cpu-kernels: the kernels could not be built (see the warning above)")
         model = timm.create_model(cfg["model"], num_classes=1000, img_size=cfg["img_size"])
     params = sum(p.numel() for p in model.parameters())
     step_model = torch.compile(model) if cfg["compile"] else model
@@ -231,7 +235,7 @@ def format_table(model: str, results: dict[tuple[str, str], dict[str, Any]], mod
     header.append("peak RSS (GB)")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
-    for impl in (REFERENCE, OURS, OURS_FUSED):
+    for impl in (REFERENCE, OURS, OURS_KERNELS, OURS_FUSED):
         for mode in modes:
             r = results.get((impl, mode))
             if r is None:
@@ -256,6 +260,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference", type=Path, default=None, help="directory with the reference fan.py")
     p.add_argument("--compile", action="store_true", help="torch.compile the models (both impls)")
     p.add_argument("--fused-adamw", action="store_true", help="add rows: ours with the fused AdamW kernel")
+    p.add_argument("--cpu-kernels", action="store_true", help="add rows: ours with stl's fused CPU kernels")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -277,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     from stl.models import is_token_model
 
     for model in args.models:
-        impls = [OURS, OURS_FUSED] if args.fused_adamw else [OURS]
+        impls = [OURS] + [OURS_KERNELS] * args.cpu_kernels + [OURS_FUSED] * args.fused_adamw
         if args.reference is not None and not is_token_model(model):
             impls.insert(0, REFERENCE)
         keys = [(impl, mode) for mode in args.modes for impl in impls]

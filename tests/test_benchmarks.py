@@ -15,11 +15,12 @@ SCRIPT = str(Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_mod
 def test_benchmark_prints_a_row_per_impl_and_mode() -> None:
     cmd = [sys.executable, SCRIPT, "--models",
            "fan_tiny_12_p16_224", "--batch-size", "2", "--img-size", "32", "--threads", "1", "--iters", "1",
-           "--warmup", "0", "--fused-adamw"]
+           "--warmup", "0", "--fused-adamw", "--cpu-kernels"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ours")]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
-        ("ours", "fp32"), ("ours", "bf16"), ("ours+fused-adamw", "fp32"), ("ours+fused-adamw", "bf16")
+        ("ours", "fp32"), ("ours", "bf16"), ("ours+cpu-kernels", "fp32"), ("ours+cpu-kernels", "bf16"),
+        ("ours+fused-adamw", "fp32"), ("ours+fused-adamw", "bf16"),
     ], out
     for row in rows:
         params, eval_ips, train_ips, rss = (float(v) for v in (row[2], row[3], row[4], row[-1]))

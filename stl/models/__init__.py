@@ -9,6 +9,7 @@ Typical use (the labeler checkpoint's 1000-class heads are dropped for a 5-class
 
 from . import fan, fan_swin  # noqa: F401  (registration side effect)
 from .checkpoint import load_checkpoint, read_checkpoint
+from .cpu_kernels import use_cpu_kernels
 from .fan import FAN
 from .layers import fused_backward
 from .outputs import FUSED_WEIGHT, fused_logits, prediction_logits, split_outputs, token_grid
@@ -41,4 +42,5 @@ __all__ = [
     "split_outputs",
     "token_grid",
     "token_variant",
+    "use_cpu_kernels",
 ]

@@ -25,6 +25,8 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from . import cpu_kernels
+
 __all__ = [
     "ChannelProcessing",
     "ClassAttention",
@@ -401,7 +403,18 @@ class ConvPatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         # channels-last convs are faster on CPU (oneDNN) and make the final [B, N, C] a free view
-        x = self.proj(x.contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last)
+        layers = list(self.proj)
+        for i in range(0, len(layers), 2):
+            conv, bn = layers[i]
+            act = layers[i + 1] if i + 1 < len(layers) else None
+            x = conv(x)
+            gelu = type(act) is nn.GELU and act.approximate == "none"
+            if (act is None or gelu) and cpu_kernels.applies(x, bn) and _records_eager_backward(x, bn.weight):
+                x = cpu_kernels.batch_norm_act(x, bn, gelu=gelu)
+            else:
+                x = bn(x)
+                x = act(x) if act is not None else x
         H, W = x.shape[-2:]
         return x.flatten(2).transpose(1, 2), (H, W)
 
@@ -448,18 +461,28 @@ class _FanMlpFunction(torch.autograd.Function):
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
         c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
-        act = F.gelu(c1)
-        bn_out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
-            act, bn_w, bn_b, bn_mean, bn_var, bn_training, momentum, eps
-        )
+        kernels = bn_training and bn_w is not None and cpu_kernels.applies(c1)
+        if kernels:  # GELU + BatchNorm in two passes, the GELU recomputed in backward (cpu_kernels)
+            bn_rows, stats = cpu_kernels.bn_train_forward(
+                c1.permute(0, 2, 3, 1).reshape(B * N, hidden), bn_w, bn_b, bn_mean, bn_var, momentum, eps,
+                gelu_input=True,
+            )
+            bn_out = bn_rows.view(B, H, W, hidden).permute(0, 3, 1, 2)
+            act, (save_mean, save_invstd, *_) = None, stats
+        else:
+            act = F.gelu(c1)
+            bn_out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+                act, bn_w, bn_b, bn_mean, bn_var, bn_training, momentum, eps
+            )
+            stats = ()
         c2 = torch.ops.aten.convolution(bn_out, c2w, c2b, *conv)
         s = c2.permute(0, 2, 3, 1).reshape(B * N, hidden)  # a view when the conv keeps channels-last
         if residual:
             s.add_(h)  # c2 is not saved: summing into it is safe
         out = torch.addmm(b2, s, w2.t())
         ctx.save_for_backward(x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out,
-                              c2w, s, w2)
-        ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv)
+                              c2w, s, w2, *stats)
+        ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels)
         ctx.consumed = False
         return out.view(B, N, -1)
 
@@ -468,8 +491,8 @@ class _FanMlpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         _consume_saved(ctx, "FAN MLP")
         (x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out, c2w, s,
-         w2) = ctx.saved_tensors
-        B, N, H, W, hidden, residual, bn_training, eps, conv = ctx.meta
+         w2, *stats) = ctx.saved_tensors
+        B, N, H, W, hidden, residual, bn_training, eps, conv, kernels = ctx.meta
         g = grad_out.reshape(B * N, -1)
         grad_w2 = g.t().mm(s)
         grad_b2 = g.sum(0)
@@ -478,13 +501,22 @@ class _FanMlpFunction(torch.autograd.Function):
         grad_bn_out, grad_c2w, grad_c2b = torch.ops.aten.convolution_backward(
             grad_s_img, bn_out, c2w, [hidden], *conv, [True, True, True]
         )
-        grad_act, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
-            grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps,
-            [True, True, True],
-        )
-        del grad_bn_out
-        grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)
-        del grad_act
+        if kernels:  # BatchNorm and GELU backward in two passes
+            rows = B * N, hidden
+            grad_c1_rows, grad_bn_w, grad_bn_b = cpu_kernels.bn_train_backward(
+                grad_bn_out.permute(0, 2, 3, 1).reshape(rows), c1.permute(0, 2, 3, 1).reshape(rows),
+                tuple(stats), gelu_input=True,
+            )
+            del grad_bn_out
+            grad_c1 = grad_c1_rows.view(B, H, W, hidden).permute(0, 3, 1, 2)
+        else:
+            grad_act, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
+                grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps,
+                [True, True, True],
+            )
+            del grad_bn_out
+            grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)
+            del grad_act
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)
         grad_h_img, grad_c1w, grad_c1b = torch.ops.aten.convolution_backward(
             grad_c1, h_img, c1w, [hidden], *conv, [True, True, True]

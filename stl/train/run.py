@@ -20,9 +20,9 @@ Outputs in ``out_dir`` (rank 0, each written atomically):
 Re-running resumes from ``last.pt`` when its fingerprint (the settings that change the weights, the world
 size, the manifests, the labeler and pretrained files) matches and starts fresh otherwise (it prints which
 and why); a finished run only re-exports. Changing ``epochs`` starts fresh (the schedule depends on it);
-changing workers, threads, channels_last, compile, grad_checkpointing or fused_optimizer still resumes. Data
-order and augmentation are reseeded from (seed, epoch, rank) at each epoch, so a resumed run ends with the
-same weights as an uninterrupted one (bit-exact on CPU with the same ``train.workers``).
+changing workers, threads, channels_last, compile, grad_checkpointing, fused_optimizer or cpu_kernels still
+resumes. Data order and augmentation are reseeded from (seed, epoch, rank) at each epoch, so a resumed run
+ends with the same weights as an uninterrupted one (bit-exact on CPU with the same ``train.workers``).
 
 Metrics go to the tracker once per epoch, prefixed by the phase (``labeler/val_top1``,
 ``student/train_loss``), so both STL phases share one MLflow run. A resumed run logs only the new epochs (the
@@ -61,6 +61,7 @@ from stl.distributed import (
     seed_everything,
 )
 from stl.io import write_json_atomic
+from stl.models.cpu_kernels import keeps_cpu_kernels_setting, use_cpu_kernels
 from stl.models.layers import clear_buffer_pool
 from stl.models.trained import (
     EXPORT_KEYS,
@@ -78,7 +79,7 @@ from stl.train.optim import create_optimizer, create_scheduler
 # recomputation, compilation, loader processes), so changing them (e.g. after running out of memory) still
 # resumes; nproc_per_node and epochs are replaced by the actual world size and this phase's epochs.
 _NOT_FINGERPRINTED = ("threads", "nproc_per_node", "epochs", "workers", "channels_last", "compile",
-                      "grad_checkpointing", "fused_optimizer")
+                      "grad_checkpointing", "fused_optimizer", "cpu_kernels")
 
 
 # --- small helpers ------------------------------------------------------------------------------------------
@@ -266,6 +267,7 @@ def _decide(ckpt_dir: Path, fp: str, epochs: int) -> tuple[str, str, dict | None
 
 
 # --- the phase ----------------------------------------------------------------------------------------------
+@keeps_cpu_kernels_setting
 def train_model(
     *,
     phase: str,
@@ -308,6 +310,8 @@ def train_model(
     start_time = time.perf_counter()
     info = init_distributed(device, threads=opts.threads)
     dev = info.device
+    if opts.cpu_kernels and dev.type == "cpu":
+        use_cpu_kernels(True)  # warns and keeps torch's ops if they cannot be built
     amp_dtype = _amp_dtype(opts.amp, dev)
     mixup_on = _mixup_active(opts)
     if mixup_on and opts.batch_size % 2:

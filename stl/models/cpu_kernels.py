@@ -1,0 +1,219 @@
+"""Optional fused CPU kernels for the BatchNorm + GELU passes of FAN models (fp32, channels-last), built on
+first use with ``torch.utils.cpp_extension`` from ``csrc/bn_gelu.cpp`` (ops ``torch.ops.stl_cpu.*``).
+
+    import stl.models
+    stl.models.use_cpu_kernels(True)     # what `train.cpu_kernels: true` in params.yaml does
+
+They serve eager fp32 training on the CPU: BatchNorm in training mode over channels-last activations, fused
+with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem). Elsewhere (eval mode, bf16
+autocast, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match
+torch's to float rounding, so the switch is off by default, like ``fused=True`` AdamW.
+
+The first build takes ~10 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
+torch's ops.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import ParamSpec, TypeVar
+
+import torch
+
+__all__ = ["batch_norm_act", "cpu_kernels_enabled", "keeps_cpu_kernels_setting", "use_cpu_kernels"]
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+_SOURCE = Path(__file__).parent / "csrc" / "bn_gelu.cpp"
+# ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
+_CAPABILITY_FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
+               "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
+}
+_enabled = False
+
+
+@functools.cache
+def _build() -> str | None:
+    """Build and load the kernels once per process; returns why they are unavailable, or None."""
+    try:
+        from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:  # the pip package's binary, when its bin dir is not on PATH
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        capability = torch.backends.cpu.get_cpu_capability()
+        flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
+        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+        cpp_extension.load(
+            name=f"stl_bn_gelu_{capability.lower()}_{digest}",
+            sources=[str(_SOURCE)],
+            extra_cflags=flags,
+            extra_ldflags=["-fopenmp"],  # torch's own libgomp (same soname, already loaded): one thread pool
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a build error: the message says which
+        lines = str(error).strip().splitlines()
+        return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
+    return None
+
+
+def use_cpu_kernels(enabled: bool = True) -> bool:
+    """Switch the fused CPU kernels on or off for this process; returns whether they are now in use.
+
+    Switching on builds them (once per process, cached across processes). If that fails, a warning names
+    the reason and the models go on with torch's ops.
+    """
+    if enabled:
+        reason = _build()
+        if reason is not None:
+            warnings.warn(
+                f"stl: the fused CPU kernels could not be built ({reason}); using torch's ops. They need a "
+                "C++ compiler (g++) and ninja (pip install ninja).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            enabled = False
+    _set(enabled)
+    return enabled
+
+
+def cpu_kernels_enabled() -> bool:
+    """Whether :func:`use_cpu_kernels` switched the kernels on (and they built)."""
+    return _enabled
+
+
+def keeps_cpu_kernels_setting(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Decorate a function that may switch the kernels for its own work: the caller's setting is restored
+    when it returns or raises (a training run in a test or notebook does not leave them on)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        previous = _enabled
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _set(previous)
+
+    return wrapper
+
+
+def _set(enabled: bool) -> None:
+    global _enabled
+    _enabled = enabled
+
+
+def applies(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm | None = None) -> bool:
+    """Whether the kernels serve a training-mode BatchNorm of ``x``: switched on, a channels-last fp32 CPU
+    image and, when ``bn`` is given, an affine fp32 BatchNorm in training mode with running statistics. The
+    caller checks that autograd records an eager backward."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and (
+            bn is None
+            or (bn.training and bn.track_running_stats and bn.affine and bn.weight.dtype == torch.float32)
+        )
+    )
+
+
+def _momentum(bn: torch.nn.modules.batchnorm._BatchNorm) -> float:
+    """Count the batch and return the running-statistics momentum, as ``nn.BatchNorm2d.forward`` does."""
+    bn.num_batches_tracked.add_(1)
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
+def bn_train_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+    gelu_input: bool = False,
+    gelu_output: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Training-mode BatchNorm of the [M, C] rows ``x`` (of ``GELU(x)`` with ``gelu_input``, recomputed, not
+    stored), then GELU with ``gelu_output``; updates the running statistics as ``F.batch_norm`` does.
+
+    Returns ``(y, stats)``; ``stats`` is what :func:`bn_train_backward` takes.
+    """
+    rows = x.shape[0]
+    if rows < 2:  # as F.batch_norm: one value per channel gives no variance
+        raise ValueError(f"Expected more than 1 value per channel when training, got {rows} rows")
+    mean, var = torch.ops.stl_cpu.bn_stats(x, gelu_input)
+    with torch.no_grad():
+        running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * rows / (rows - 1))
+        invstd = (var + eps).rsqrt_()
+        scale = invstd * weight
+        shift = bias - mean * scale
+    y = torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_input, gelu_output)
+    return y, (mean, invstd, weight.detach(), scale, shift)
+
+
+def bn_train_backward(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    stats: tuple[torch.Tensor, ...],
+    gelu_input: bool = False,
+    gelu_output: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`bn_train_forward` for its [M, C] input ``x``: (grad x, grad weight, grad bias)."""
+    mean, invstd, weight, scale, shift = stats
+    return torch.ops.stl_cpu.bn_backward(
+        grad.contiguous(), x, mean, invstd, weight, scale, shift, gelu_input, gelu_output
+    )
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The [B*H*W, C] view of a channels-last [B, C, H, W] tensor (a copy only if it is not channels-last)."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+def _image(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    B, C, H, W = shape
+    return rows.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+class _BatchNormAct(torch.autograd.Function):
+    """BatchNorm (training) [-> GELU] of a channels-last image; saves only its input and statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, meta):  # type: ignore[override]
+        momentum, eps, gelu = meta
+        rows = _rows(x)
+        y, stats = bn_train_forward(rows, weight, bias, running_mean, running_var, momentum, eps,
+                                    gelu_output=gelu)
+        ctx.save_for_backward(rows, *stats)
+        ctx.meta = (x.shape, gelu)
+        return _image(y, x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        rows, *stats = ctx.saved_tensors
+        shape, gelu = ctx.meta
+        grad_x, grad_w, grad_b = bn_train_backward(_rows(grad_out), rows, tuple(stats), gelu_output=gelu)
+        return _image(grad_x, shape), grad_w, grad_b, None, None, None
+
+
+def batch_norm_act(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, gelu: bool) -> torch.Tensor:
+    """``GELU(bn(x))`` (or ``bn(x)``) through the kernels; use where :func:`applies` holds."""
+    meta = (_momentum(bn), bn.eps, gelu)
+    return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, meta)

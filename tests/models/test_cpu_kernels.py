@@ -1,0 +1,233 @@
+"""The fused BatchNorm + GELU CPU kernels (stl.models.cpu_kernels): built here for real (the CI machine has a
+C++ compiler), checked against torch's ops, and kept out of everywhere they must not apply."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from stl.models import cpu_kernels, fused_backward
+from stl.models.layers import ConvPatchEmbed, FanMlp
+
+pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                reason="no C++ compiler: the kernels cannot be built here")
+
+
+@pytest.fixture
+def kernels() -> Iterator[None]:
+    """The kernels on for one test, the previous setting back afterwards."""
+    previous = cpu_kernels.cpu_kernels_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed build must fail these tests, not fall back
+        assert cpu_kernels.use_cpu_kernels(True)
+    yield
+    cpu_kernels._set(previous)
+
+
+def _channels_last(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torch.Tensor:
+    B, C, H, W = shape
+    return (torch.randn(B, H, W, C) * scale + offset).permute(0, 3, 1, 2)
+
+
+def _bn(C: int, seed: int = 0) -> torch.nn.BatchNorm2d:
+    torch.manual_seed(seed)
+    bn = torch.nn.BatchNorm2d(C)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    return bn
+
+
+# C = 24 and 48: the stem's widths; 20: a vector and a partial tail; 3 x 5 x 7: rows not a multiple of 4
+@pytest.mark.parametrize("shape", [(4, 24, 16, 16), (2, 48, 8, 8), (2, 20, 5, 3), (3, 5, 5, 7)])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_batch_norm_act_matches_torch(kernels: None, shape: tuple[int, ...], gelu: bool) -> None:
+    x = _channels_last(*shape, scale=2.0, offset=3.0).requires_grad_()  # a mean far from zero
+    grad = _channels_last(*shape)
+    bn, ref_bn = _bn(shape[1]), _bn(shape[1])
+    for step in range(2):  # running statistics and the batch count advance as torch's
+        assert cpu_kernels.applies(x, bn)
+        y = cpu_kernels.batch_norm_act(x, bn, gelu=gelu)
+        ref = ref_bn(x)
+        ref = F.gelu(ref) if gelu else ref
+        assert y.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        got = torch.autograd.grad(y, (x, bn.weight, bn.bias), grad)
+        want = torch.autograd.grad(ref, (x, ref_bn.weight, ref_bn.bias), grad)
+        for name, g, w in zip(("input", "weight", "bias"), got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=f"step {step}: grad {name}")
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, buf in bn.named_buffers():
+        torch.testing.assert_close(buf, dict(ref_bn.named_buffers())[name], msg=name)
+
+
+def test_gelu_then_batch_norm_matches_torch(kernels: None) -> None:
+    """The FAN MLP's order: BatchNorm of GELU(x), the GELU recomputed in backward, the gradient taken to x."""
+    x = _channels_last(2, 40, 6, 5).permute(0, 2, 3, 1).reshape(-1, 40).contiguous()
+    grad = torch.randn_like(x)
+    w, b = torch.rand(40) + 0.5, torch.randn(40)
+    mean, var = torch.zeros(40), torch.ones(40)
+    y, stats = cpu_kernels.bn_train_forward(x, w, b, mean, var, 0.1, 1e-5, gelu_input=True)
+    gx, gw, gb = cpu_kernels.bn_train_backward(grad, x, stats, gelu_input=True)
+
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref_mean, ref_var = torch.zeros(40), torch.ones(40)
+    ref = F.batch_norm(F.gelu(xr), ref_mean, ref_var, wr, br, True, 0.1, 1e-5)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    for g, want in zip((gx, gw, gb), torch.autograd.grad(ref, (xr, wr, br), grad), strict=True):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(mean, ref_mean)
+    torch.testing.assert_close(var, ref_var)
+
+
+def test_statistics_do_not_depend_on_the_thread_count(kernels: None) -> None:
+    x = _channels_last(8, 24, 20, 20).permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = torch.ops.stl_cpu.bn_stats(x, True)
+        torch.set_num_threads(2)
+        two = torch.ops.stl_cpu.bn_stats(x, True)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_one_row_per_channel_is_refused_as_torch_does(kernels: None) -> None:
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        cpu_kernels.batch_norm_act(_channels_last(1, 8, 1, 1).requires_grad_(), _bn(8), gelu=True)
+
+
+def test_ops_name_a_wrong_layout(kernels: None) -> None:
+    with pytest.raises(RuntimeError, match=r"bn_stats: x must be a contiguous \[6, 4\]"):
+        torch.ops.stl_cpu.bn_stats(torch.randn(4, 6).t(), False)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.stl_cpu.bn_stats(torch.randn(6, 4, dtype=torch.float64), False)
+
+
+def test_kernels_apply_only_to_eager_fp32_training_statistics(kernels: None) -> None:
+    bn = _bn(8)
+    x = _channels_last(2, 8, 4, 4)
+    assert cpu_kernels.applies(x, bn)
+    assert not cpu_kernels.applies(x.contiguous(), bn)  # NCHW
+    assert not cpu_kernels.applies(x.to(torch.bfloat16), bn)  # autocast
+    assert not cpu_kernels.applies(x, bn.eval())  # running statistics
+    cpu_kernels._set(False)
+    assert not cpu_kernels.applies(x, bn.train())
+
+
+def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    F.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Records each BatchNorm the kernels run (its gelu_input flag)."""
+    calls: list[bool] = []
+    forward = cpu_kernels.bn_train_forward
+
+    def counted(*args, **kwargs):
+        calls.append(bool(kwargs.get("gelu_input")))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid_token"])
+def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None, kernel_calls: list) -> None:
+    """A training step of a real FAN model (32 px) with the kernels gives torch's outputs, gradients and
+    running statistics to float rounding."""
+    torch.manual_seed(0)
+    plain = timm.create_model(name, num_classes=5, img_size=32).train()
+    fused = copy.deepcopy(plain)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    cpu_kernels._set(False)
+    out_p, grads_p = _model_step(plain, x, y)
+    cpu_kernels._set(True)
+    out_f, grads_f = _model_step(fused, x, y)
+    blocks = len(plain.blocks)
+    # every FAN block's MLP (GELU -> BatchNorm); FAN-ViT's stem too (four BatchNorms, three GELUs after)
+    assert kernel_calls.count(True) == blocks
+    assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
+    assert grads_f.keys() == grads_p.keys()
+    scale = max(g.abs().max() for g in grads_p.values())
+    for n, g in grads_p.items():  # relative to the largest gradient: some are zero in exact arithmetic
+        torch.testing.assert_close(grads_f[n], g, rtol=0, atol=2e-5 * scale, msg=n)
+    for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b_f, b_p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, kernel_calls: list) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32).train()
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with fused_backward(False):  # double backward, torch.func: the plain graph
+        _model_step(model, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations
+        _model_step(model, x, y)
+    with torch.no_grad():  # inference in training mode
+        model(x)
+    model.eval()(x)
+    assert kernel_calls == []
+    mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
+    mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()
+    assert kernel_calls == [True]
+
+
+def test_a_failed_build_warns_and_keeps_torch_ops(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = tmp_path / "bn_gelu.cpp"
+    bad.write_text("this is not C++\n")
+    previous = cpu_kernels.cpu_kernels_enabled()
+    monkeypatch.setattr(cpu_kernels, "_SOURCE", bad)
+    cpu_kernels._build.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built .*using torch's ops"):
+            assert cpu_kernels.use_cpu_kernels(True) is False
+        assert not cpu_kernels.cpu_kernels_enabled()
+    finally:
+        cpu_kernels._build.cache_clear()  # the next use loads the real build again
+        cpu_kernels._set(previous)
+
+
+def test_keeps_cpu_kernels_setting_restores_it_after_errors() -> None:
+    @cpu_kernels.keeps_cpu_kernels_setting
+    def switch_on_and_fail() -> None:
+        cpu_kernels._set(True)
+        raise KeyError("boom")
+
+    cpu_kernels._set(False)
+    with pytest.raises(KeyError):
+        switch_on_and_fail()
+    assert not cpu_kernels.cpu_kernels_enabled()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_kernels_use_torchs_thread_pool() -> None:
+    """One OpenMP runtime in the process (torch's libgomp): torch.set_num_threads governs the kernels."""
+    code = textwrap.dedent("""
+        import json
+        from stl.models import cpu_kernels
+        assert cpu_kernels.use_cpu_kernels(True)
+        maps = open("/proc/self/maps").read().splitlines()
+        print(json.dumps(sorted({line.split()[-1] for line in maps if "libgomp" in line})))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    libraries = json.loads(out.strip().splitlines()[-1])
+    assert len(libraries) == 1 and "torch" in libraries[0], libraries

@@ -39,6 +39,9 @@ _CAPABILITY_FLAGS = {
                "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"],
 }
+# GCC otherwise calls ATen's vectorized exp out of line in the GELU loops, spilling every vector register
+_INLINE_FLAGS = ["--param=max-inline-insns-single=1000", "--param=large-function-growth=1000",
+                 "--param=inline-unit-growth=1000"]
 _enabled = False
 
 
@@ -53,7 +56,8 @@ def _build() -> str | None:
 
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         capability = torch.backends.cpu.get_cpu_capability()
-        flags = ["-O3", "-fopenmp", *_CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])]
+        vector_flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+        flags = ["-O3", "-fopenmp", *_INLINE_FLAGS, *vector_flags]
         digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
         cpp_extension.load(
             name=f"stl_bn_gelu_{capability.lower()}_{digest}",

@@ -128,6 +128,50 @@ def test_kernels_apply_only_to_eager_fp32_training_statistics(kernels: None) -> 
     assert not cpu_kernels.applies(x, bn.train())
 
 
+def _mlp_pair(hidden: int, residual: bool) -> tuple[FanMlp, FanMlp]:
+    torch.manual_seed(0)
+    mlp = FanMlp(8, hidden, dwconv_residual=residual)
+    with torch.no_grad():  # non-trivial BN and layer-scale parameters
+        mlp.gamma.uniform_(0.5, 1.5)
+        mlp.dwconv.bn.weight.uniform_(0.5, 1.5)
+        mlp.dwconv.bn.bias.uniform_(-0.5, 0.5)
+    return mlp.train(), copy.deepcopy(mlp).train()
+
+
+def _mlp_step(mlp: FanMlp, x: torch.Tensor, grad: torch.Tensor, H: int, W: int):
+    x = x.detach().clone().requires_grad_()
+    out = mlp(x, H, W)
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad for n, p in mlp.named_parameters()}
+
+
+# hidden 20: a vector and a tail; one row or one column of tokens
+@pytest.mark.parametrize(("B", "H", "W", "hidden"),
+                         [(2, 3, 4, 20), (3, 1, 5, 16), (2, 5, 1, 40), (4, 7, 7, 64)])
+@pytest.mark.parametrize("residual", [True, False])
+def test_fan_mlp_with_kernels_is_as_accurate_as_torch(kernels: None, kernel_calls: list, B: int, H: int,
+                                                      W: int, hidden: int, residual: bool) -> None:
+    """The FAN MLP's training step with the kernels against float64: its error is of the size of torch's own
+    fp32 error (BatchNorm over few rows cancels, so a fixed tolerance would say little)."""
+    fused, plain = _mlp_pair(hidden, residual)
+    exact = copy.deepcopy(plain).double()
+    x, grad = torch.randn(B, H * W, 8) * 2, torch.randn(B, H * W, 8)
+    for step in range(2):  # running statistics and the batch count advance as torch's
+        cpu_kernels._set(True)
+        got = _mlp_step(fused, x, grad, H, W)
+        cpu_kernels._set(False)
+        torch_ops = _mlp_step(plain, x, grad, H, W)
+        want = _mlp_step(exact, x.double(), grad.double(), H, W)
+        for what, g, t, w in zip(("output", "input grad", "param grads"), got, torch_ops, want, strict=True):
+            pairs = [(what, g, t, w)] if isinstance(w, torch.Tensor) else [(n, g[n], t[n], w[n]) for n in w]
+            for name, g_, t_, w_ in pairs:
+                err, torch_err = (float((v.double() - w_).abs().max()) for v in (g_, t_))
+                assert err <= 8 * torch_err + 1e-7 * float(w_.abs().max()), (step, name, err, torch_err)
+        for name, buf in plain.named_buffers():
+            torch.testing.assert_close(dict(fused.named_buffers())[name], buf, msg=name)
+    assert kernel_calls == [True, True]
+
+
 def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
     out = model(x)
     out = out[0] if isinstance(out, tuple) else out

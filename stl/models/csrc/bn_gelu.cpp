@@ -23,21 +23,23 @@
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
+// The vector helpers must inline into the loops (a call would spill every live vector register around it).
+#define STL_INLINE inline __attribute__((always_inline))
 constexpr int64_t kV = Vec::size();
 constexpr int64_t kBlockRows = 64;  // the unit of parallel work and of the float partial sums (combined in
                                     // double in block order, so results do not depend on the thread count)
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
-inline Vec load(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
-inline void store(const Vec& v, float* p, int64_t n) {
+STL_INLINE Vec load(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
+STL_INLINE void store(const Vec& v, float* p, int64_t n) {
   if (n == kV) v.store(p);
   else v.store(p, n);
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, the formula of ATen's vectorized erf) with
 // e = exp(-x^2) given, so that GELU's derivative computes the exponential once.
-inline Vec erf_with(const Vec& x, const Vec& e) {
+STL_INLINE Vec erf_with(const Vec& x, const Vec& e) {
   const Vec t = Vec(1.f) / at::vec::fmadd(Vec(0.3275911f), x.abs(), Vec(1.f));
   Vec p = at::vec::fmadd(Vec(1.061405429f), t, Vec(-1.453152027f));
   p = at::vec::fmadd(p, t, Vec(1.421413741f));
@@ -48,16 +50,16 @@ inline Vec erf_with(const Vec& x, const Vec& e) {
 }
 
 // The exact (erf) GELU, z * Phi(z), and its derivative Phi(z) + z * phi(z).
-inline Vec gelu(const Vec& z) {
+STL_INLINE Vec gelu(const Vec& z) {
   const Vec u = z * Vec(kSqrtHalf);
   return z * Vec(0.5f) * (Vec(1.f) + erf_with(u, (Vec(0.f) - u * u).exp_u20()));
 }
-inline Vec gelu_grad(const Vec& z) {
+STL_INLINE Vec gelu_grad(const Vec& z) {
   const Vec u = z * Vec(kSqrtHalf);
   const Vec e = (Vec(0.f) - u * u).exp_u20();
   return at::vec::fmadd(z * e, Vec(kInvSqrt2Pi), Vec(0.5f) * (Vec(1.f) + erf_with(u, e)));
 }
-inline void gelu_and_grad(const Vec& z, Vec& value, Vec& slope) {
+STL_INLINE void gelu_and_grad(const Vec& z, Vec& value, Vec& slope) {
   const Vec u = z * Vec(kSqrtHalf);
   const Vec e = (Vec(0.f) - u * u).exp_u20();
   const Vec cdf = Vec(0.5f) * (Vec(1.f) + erf_with(u, e));
@@ -67,7 +69,7 @@ inline void gelu_and_grad(const Vec& z, Vec& value, Vec& slope) {
 
 // Calls f(c, n) for channel offsets c in vector steps; n < kV only for the tail.
 template <typename F>
-inline void for_channels(int64_t C, const F& f) {
+STL_INLINE void for_channels(int64_t C, const F& f) {
   int64_t c = 0;
   for (; c + kV <= C; c += kV) f(c, kV);
   if (c < C) f(c, C - c);
@@ -76,7 +78,7 @@ inline void for_channels(int64_t C, const F& f) {
 // Calls f(r) for rows r0 <= r < r1, four independent rows per step (the GELU chains are long: this lets the
 // CPU overlap them).
 template <typename F>
-inline void for_rows(int64_t r0, int64_t r1, const F& f) {
+STL_INLINE void for_rows(int64_t r0, int64_t r1, const F& f) {
   int64_t r = r0;
   for (; r + 4 <= r1; r += 4) {
     f(r);
@@ -159,7 +161,7 @@ at::Tensor channel_vector(const std::vector<double>& v) {
 // y = BN(x') with x' = GELU(x) when gelu_input, else x; then y = GELU(y) when gelu_output. The GELU before
 // the BatchNorm is recomputed wherever x' is needed instead of being stored: one pass over memory less each
 // way, and no saved activation.
-inline Vec bn_input(const Vec& x, bool gelu_input) { return gelu_input ? gelu(x) : x; }
+STL_INLINE Vec bn_input(const Vec& x, bool gelu_input) { return gelu_input ? gelu(x) : x; }
 
 // Batch statistics of x': mean and biased variance per channel. Sums are shifted by the first row to keep
 // E[x'^2] - E[x']^2 accurate when the mean is large.
@@ -238,31 +240,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     b = gy * (xv - load(pm + c, n));
   });
 
-  // dL/dx' = a * gy + b * x' + d with per-channel a = invstd * w, k = sum_gyx * invstd^2 / M,
-  // b = -a * k, d = a * (k * mean - sum_gy / M); dL/dx = dL/dx' * GELU'(x) through the input GELU.
+  // dL/dx' = a * gy + b * (x' - mean) + d with per-channel a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
+  // d = -a * sum_gy / M (centred: no cancellation for a large mean); dL/dx = dL/dx' * GELU'(x) through the
+  // input GELU.
   const float *pi = invstd.data_ptr<float>(), *pw = weight.data_ptr<float>();
   std::vector<float> ca(C), cb(C), cd(C);
   std::vector<double> grad_weight(C), grad_bias(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double is = pi[c], a = is * pw[c], k = sum_gyx[c] * is * is / M;
+    const double is = pi[c], a = is * pw[c];
     ca[c] = static_cast<float>(a);
-    cb[c] = static_cast<float>(-a * k);
-    cd[c] = static_cast<float>(a * (k * pm[c] - sum_gy[c] / M));
+    cb[c] = static_cast<float>(-a * sum_gyx[c] * is * is / M);
+    cd[c] = static_cast<float>(-a * sum_gy[c] / M);
     grad_weight[c] = sum_gyx[c] * is;
     grad_bias[c] = sum_gy[c];
   }
   const float* src = gelu_output ? po : pg;
   for_blocks(M, C, [&](int64_t, int64_t r0, int64_t r1, int64_t c, int64_t n) {
     const Vec a = load(ca.data() + c, n), b = load(cb.data() + c, n), d = load(cd.data() + c, n);
+    const Vec m = load(pm + c, n);
     for_rows(r0, r1, [&](int64_t r) {
       const int64_t i = r * C + c;
       const Vec xv = load(px + i, n);
       if (gelu_input) {
         Vec act, slope;
         gelu_and_grad(xv, act, slope);
-        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(act, b, d)) * slope, po + i, n);
+        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(act - m, b, d)) * slope, po + i, n);
       } else {
-        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(xv, b, d)), po + i, n);
+        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(xv - m, b, d)), po + i, n);
       }
     });
   });

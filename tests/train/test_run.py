@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ import timm
 import torch
 
 from stl.config import StlConfig
+from stl.models import cpu_kernels
 from stl.models.trained import export_model, load_file, load_trained_model
 from stl.train import run as run_mod
 from stl.train.run import train_model
@@ -298,3 +301,22 @@ def test_only_settings_that_change_the_weights_are_fingerprinted() -> None:
     assert run_mod._phase_stl_settings("student", soft) != run_mod._phase_stl_settings("student", soft_hot)
     dense = StlConfig(dense_weight=2.0)
     assert run_mod._phase_stl_settings("labeler", stl) == run_mod._phase_stl_settings("labeler", dense)
+
+
+@pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
+def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_path: Path,
+                                                                       monkeypatch) -> None:
+    calls: list[bool] = []
+    forward = cpu_kernels.bn_train_forward
+
+    def counted(*args, **kwargs):
+        calls.append(True)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
+    assert not cpu_kernels.cpu_kernels_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernels build here; a fallback would warn
+        summary = _train(data, tmp_path / "out", epochs=1, opts=tiny_opts(cpu_kernels=True))
+    assert calls and summary["epochs_run"] == 1
+    assert not cpu_kernels.cpu_kernels_enabled()  # a later run in this process gets torch's ops again

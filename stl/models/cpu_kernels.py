@@ -19,7 +19,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -58,9 +60,12 @@ def _build() -> str | None:
         capability = torch.backends.cpu.get_cpu_capability()
         vector_flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
         flags = ["-O3", "-fopenmp", *_INLINE_FLAGS, *vector_flags]
-        digest = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:12]
+        # one build per source, flags, torch and environment: the cache directory is shared by every
+        # environment on the machine, and a build against other torch headers must not replace this one
+        key = "\n".join([_SOURCE.read_text(), *flags, torch.__version__, sys.prefix])
+        digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cpp_extension.load(
-            name=f"stl_bn_gelu_{capability.lower()}_{digest}",
+            name=f"stl_bn_gelu_{re.sub(r'[^0-9a-z]+', '_', capability.lower())}_{digest}",
             sources=[str(_SOURCE)],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],  # torch's own libgomp (same soname, already loaded): one thread pool
@@ -68,8 +73,10 @@ def _build() -> str | None:
             verbose=False,
         )
     except Exception as error:  # no compiler, no ninja, a build error: the message says which
-        lines = str(error).strip().splitlines()
-        return f"{type(error).__name__}: {lines[-1] if lines else ''}".strip()
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        # a compiler's first "error:" line says why; ninja's last line only that the build stopped
+        reason = next((line for line in lines if "error:" in line), lines[-1] if lines else "")
+        return f"{type(error).__name__}: {reason}".strip()
     return None
 
 
@@ -119,18 +126,25 @@ def _set(enabled: bool) -> None:
 
 
 def applies(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm | None = None) -> bool:
-    """Whether the kernels serve a training-mode BatchNorm of ``x``: switched on, a channels-last fp32 CPU
-    image and, when ``bn`` is given, an affine fp32 BatchNorm in training mode with running statistics. The
-    caller checks that autograd records an eager backward."""
+    """Whether the kernels serve a training-mode BatchNorm of ``x``: switched on, a non-empty channels-last
+    fp32 CPU image and, when ``bn`` is given, an affine fp32 ``nn.BatchNorm2d`` in training mode with running
+    statistics. The caller checks that autograd records an eager backward."""
     return (
         _enabled
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.dim() == 4
+        and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last)
         and (
             bn is None
-            or (bn.training and bn.track_running_stats and bn.affine and bn.weight.dtype == torch.float32)
+            or (
+                type(bn) is torch.nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
+                and bn.training
+                and bn.track_running_stats
+                and bn.affine
+                and bn.weight.dtype == torch.float32
+            )
         )
     )
 

@@ -404,7 +404,11 @@ class ConvPatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         # channels-last convs are faster on CPU (oneDNN) and make the final [B, N, C] a free view
         x = x.contiguous(memory_format=torch.channels_last)
-        layers = list(self.proj)
+        if not (cpu_kernels.cpu_kernels_enabled() and self.training):
+            x = self.proj(x)
+            H, W = x.shape[-2:]
+            return x.flatten(2).transpose(1, 2), (H, W)
+        layers = list(self.proj)  # layer by layer: BatchNorm (+ GELU) through the kernels where they apply
         for i in range(0, len(layers), 2):
             conv, bn = layers[i]
             act = layers[i + 1] if i + 1 < len(layers) else None
@@ -448,7 +452,9 @@ class _FanMlpFunction(torch.autograd.Function):
     The ops and results of the module's plain path; the backward reuses buffers the plain autograd graph would
     allocate afresh: fc2's input grad goes into the saved fc2 input, the GELU backward into the saved conv
     output, and the residual's two grads are summed in place (three hidden-size allocations instead of six; on
-    the CPU each fresh one is page-faulted in). Its graph can be run backward once (see _LinearGeluLinear).
+    the CPU each fresh one is page-faulted in). With the CPU kernels on (``cpu_kernels``), GELU + BatchNorm
+    run as two passes each way and the GELU output is recomputed, not saved. Its graph can be run backward
+    once (see _LinearGeluLinear).
     """
 
     @staticmethod

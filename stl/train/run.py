@@ -310,8 +310,7 @@ def train_model(
     start_time = time.perf_counter()
     info = init_distributed(device, threads=opts.threads)
     dev = info.device
-    if opts.cpu_kernels and dev.type == "cpu":
-        use_cpu_kernels(True)  # warns and keeps torch's ops if they cannot be built
+    use_cpu_kernels(opts.cpu_kernels and dev.type == "cpu")  # warns, keeps torch's ops if they cannot build
     amp_dtype = _amp_dtype(opts.amp, dev)
     mixup_on = _mixup_active(opts)
     if mixup_on and opts.batch_size % 2:

@@ -91,6 +91,21 @@ def test_gelu_then_batch_norm_matches_torch(kernels: None) -> None:
     torch.testing.assert_close(var, ref_var)
 
 
+def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
+    """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
+    bn, ref_bn = _bn(8), _bn(8)
+    bn.momentum = ref_bn.momentum = None
+    for _ in range(3):
+        x = _channels_last(2, 8, 3, 3).requires_grad_()
+        y = cpu_kernels.batch_norm_act(x, bn, gelu=True)
+        ref = F.gelu(ref_bn(x))
+        grad = torch.randn(2, 8, 3, 3)  # NCHW-contiguous
+        got, want = torch.autograd.grad(y, x, grad)[0], torch.autograd.grad(ref, x, grad)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for name, buf in bn.named_buffers():
+        torch.testing.assert_close(buf, dict(ref_bn.named_buffers())[name], msg=name)
+
+
 def test_statistics_do_not_depend_on_the_thread_count(kernels: None) -> None:
     x = _channels_last(8, 24, 20, 20).permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
     threads = torch.get_num_threads()
@@ -124,8 +139,25 @@ def test_kernels_apply_only_to_eager_fp32_training_statistics(kernels: None) -> 
     assert not cpu_kernels.applies(x.contiguous(), bn)  # NCHW
     assert not cpu_kernels.applies(x.to(torch.bfloat16), bn)  # autocast
     assert not cpu_kernels.applies(x, bn.eval())  # running statistics
+    assert not cpu_kernels.applies(x[:0], bn.train())  # an empty batch: torch's ops handle it
+    sync = torch.nn.SyncBatchNorm(8).train()  # statistics across processes: not these kernels'
+    assert not cpu_kernels.applies(x, sync)
     cpu_kernels._set(False)
     assert not cpu_kernels.applies(x, bn.train())
+
+
+def test_the_stem_runs_its_sequential_unless_the_kernels_serve_it() -> None:
+    """With the kernels off (or in eval mode) ConvPatchEmbed calls its nn.Sequential, so hooks on it fire."""
+    stem = ConvPatchEmbed(32).train()
+    seen: list[int] = []
+    stem.proj.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
+    previous = cpu_kernels.cpu_kernels_enabled()
+    cpu_kernels._set(False)
+    try:
+        stem(torch.randn(2, 3, 32, 32))
+    finally:
+        cpu_kernels._set(previous)
+    assert seen == [32]
 
 
 def _mlp_pair(hidden: int, residual: bool) -> tuple[FanMlp, FanMlp]:

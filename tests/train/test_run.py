@@ -316,7 +316,7 @@ def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
     assert not cpu_kernels.cpu_kernels_enabled()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the kernels build here; a fallback would warn
+        warnings.filterwarnings("error", message="stl: the fused CPU kernels")  # they build here
         summary = _train(data, tmp_path / "out", epochs=1, opts=tiny_opts(cpu_kernels=True))
     assert calls and summary["epochs_run"] == 1
     assert not cpu_kernels.cpu_kernels_enabled()  # a later run in this process gets torch's ops again

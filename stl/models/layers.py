@@ -580,6 +580,7 @@ class FanMlp(nn.Module):
             and not (self.training and self.drop.p > 0.0)
             and type(act) is nn.GELU
             and act.approximate == "none"
+            and type(bn) is nn.BatchNorm2d  # SyncBatchNorm (convert_sync_batchnorm) needs its own forward
             and bn.track_running_stats
             and not torch.jit.is_scripting()
         )

@@ -167,6 +167,13 @@ def test_fan_mlp_uses_plain_ops_for_inference_and_dropout() -> None:
         assert not mlp._use_fused(x)
 
 
+def test_fan_mlp_leaves_sync_batch_norm_to_its_module() -> None:
+    """After nn.SyncBatchNorm.convert_sync_batchnorm the statistics span processes: the plain path runs it."""
+    mlp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(FanMlp(8, 24)).train()
+    assert type(mlp.dwconv.bn) is torch.nn.SyncBatchNorm
+    assert not mlp._use_fused(torch.ones(1, requires_grad=True))
+
+
 def test_fan_mlp_fused_refuses_a_second_backward() -> None:
     fused, _ = _fan_mlp_pair(True)
     out = fused(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum()

@@ -75,6 +75,24 @@ def test_predict_json_output_file_fused_and_no_fused(model_file, images, tmp_pat
     assert json.loads(capsys.readouterr().out)[0]["path"] == files[0]
 
 
+def test_only_the_predict_command_keeps_freed_memory(model_file, images, monkeypatch, capsys):
+    """Run as the command (argv from sys.argv) predict keeps freed memory for the next batch; called from
+    Python with argv, or for export, the caller's process is left as it is."""
+    import stl.evaluate.infer
+
+    calls: list[bool] = []
+    monkeypatch.setattr(stl.evaluate.infer, "keep_freed_memory", lambda: calls.append(True) or True)
+    predict = ["predict", str(model_file), str(images["good0"])]
+    assert main(predict) == 0 and calls == []
+    monkeypatch.setattr(sys, "argv", ["stl", *predict])
+    assert main() == 0 and calls == [True]
+    out = images["good0"].parent / "m.ts"
+    export = ["export", str(model_file), "--format", "torchscript", "--output", str(out)]
+    monkeypatch.setattr(sys, "argv", ["stl", *export])
+    assert main() == 0 and calls == [True]
+    capsys.readouterr()
+
+
 def test_predict_fused_weight(model_file, images, capsys):
     # the weight the evaluate stage scored with (evaluate.fused_weight) reproduces its predictions
     image = images["good2"]

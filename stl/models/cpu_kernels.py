@@ -149,8 +149,9 @@ def applies(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm | None = 
     )
 
 
-def _momentum(bn: torch.nn.modules.batchnorm._BatchNorm) -> float:
-    """Count the batch and return the running-statistics momentum, as ``nn.BatchNorm2d.forward`` does."""
+def count_batch(bn: torch.nn.modules.batchnorm._BatchNorm) -> float:
+    """Count a training batch and return the running-statistics momentum, as ``nn.BatchNorm2d.forward`` does
+    (for code that runs a BatchNorm's ops itself)."""
     bn.num_batches_tracked.add_(1)
     return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
 
@@ -233,5 +234,5 @@ class _BatchNormAct(torch.autograd.Function):
 
 def batch_norm_act(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, gelu: bool) -> torch.Tensor:
     """``GELU(bn(x))`` (or ``bn(x)``) through the kernels; use where :func:`applies` holds."""
-    meta = (_momentum(bn), bn.eps, gelu)
+    meta = (count_batch(bn), bn.eps, gelu)
     return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, meta)

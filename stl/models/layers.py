@@ -592,10 +592,7 @@ class FanMlp(nn.Module):
         if bn.training and x.shape[0] * H * W == 1:  # as F.batch_norm: one value gives no variance
             size = [1, x.shape[2], H, W]
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
-        momentum = 0.0
-        if bn.training:
-            bn.num_batches_tracked.add_(1)
-            momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        momentum = cpu_kernels.count_batch(bn) if bn.training else 0.0
         c2w, c2b = _fold_out_scale(dw.conv2.weight, dw.conv2.bias, self.gamma)
         device = x.device.type  # linear and conv inputs as autocast casts them; BN keeps its fp32 params
         matmul_args = _as_autocast_inputs(

@@ -1,13 +1,14 @@
-"""Optional fused CPU kernels for the BatchNorm + GELU passes of FAN models (fp32, channels-last), built on
+"""Optional fused CPU kernels for the BatchNorm + GELU passes of FAN models (channels-last), built on
 first use with ``torch.utils.cpp_extension`` from ``csrc/bn_gelu.cpp`` (ops ``torch.ops.stl_cpu.*``).
 
     import stl.models
     stl.models.use_cpu_kernels(True)     # what `train.cpu_kernels: true` in params.yaml does
 
-They serve eager fp32 training on the CPU: BatchNorm in training mode over channels-last activations, fused
-with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem). Elsewhere (eval mode, bf16
-autocast, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match
-torch's to float rounding, so the switch is off by default, like ``fused=True`` AdamW.
+They serve eager training on the CPU: BatchNorm in training mode over channels-last activations, fused
+with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem), in fp32 or, under bf16 autocast,
+on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do). Elsewhere (eval mode,
+CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
+float rounding, so the switch is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~10 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
@@ -127,12 +128,12 @@ def _set(enabled: bool) -> None:
 
 def applies(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm | None = None) -> bool:
     """Whether the kernels serve a training-mode BatchNorm of ``x``: switched on, a non-empty channels-last
-    fp32 CPU image and, when ``bn`` is given, an affine fp32 ``nn.BatchNorm2d`` in training mode with running
-    statistics. The caller checks that autograd records an eager backward."""
+    fp32 or bf16 CPU image and, when ``bn`` is given, an affine fp32 ``nn.BatchNorm2d`` in training mode with
+    running statistics. The caller checks that autograd records an eager backward."""
     return (
         _enabled
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in (torch.float32, torch.bfloat16)  # bf16: activations under autocast
         and x.dim() == 4
         and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last)

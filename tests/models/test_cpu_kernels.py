@@ -91,6 +91,47 @@ def test_gelu_then_batch_norm_matches_torch(kernels: None) -> None:
     torch.testing.assert_close(var, ref_var)
 
 
+def _orders() -> list[tuple[bool, bool]]:
+    return [(False, True), (True, False), (False, False)]  # BN -> GELU (stem), GELU -> BN (MLP), BN alone
+
+
+def _torch_batch_norm_act(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
+                          gelu_input: bool, gelu_output: bool) -> tuple[torch.Tensor, ...]:
+    """torch's ops on [M, C] rows (as an NCHW [1, C, M, 1] image), in the rows' dtype: output, grads."""
+    x = rows.detach().clone().requires_grad_()
+    w, b = (t.to(torch.float64) if rows.dtype == torch.float64 else t for t in (w, b))
+    w, b = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    img = x.t().contiguous().view(1, *x.t().shape, 1)  # contiguous: torch's NCHW path
+    a = F.gelu(img) if gelu_input else img
+    y = F.batch_norm(a, None, None, w, b, training=True, eps=1e-5)
+    y = F.gelu(y) if gelu_output else y
+    gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad.to(y.dtype).t().contiguous().view_as(y))
+    return y.detach().view(y.shape[1], -1).t(), gx, gw, gb
+
+
+# C = 24: the stem's first width (a vector and a tail of bf16); 768: the MLPs'; 37: a partial vector
+@pytest.mark.parametrize("C", [24, 37, 768])
+@pytest.mark.parametrize(("gelu_input", "gelu_output"), _orders())
+def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gelu_input: bool,
+                                                      gelu_output: bool) -> None:
+    """Under bf16 autocast the kernels read and write bf16 and compute in fp32, as torch's BatchNorm and GELU
+    do: against float64 their error is the size of torch's bf16 error."""
+    torch.manual_seed(C)
+    x = (torch.randn(300, C) * 2 + 0.5).to(torch.bfloat16)
+    grad = torch.randn(300, C).to(torch.bfloat16)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    y, stats = cpu_kernels.bn_train_forward(x, w, b, torch.zeros(C), torch.ones(C), 0.1, 1e-5,
+                                            gelu_input=gelu_input, gelu_output=gelu_output)
+    got = (y, *cpu_kernels.bn_train_backward(grad, x, stats, gelu_input=gelu_input, gelu_output=gelu_output))
+    assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+    torch_bf16 = _torch_batch_norm_act(x, w, b, grad, gelu_input, gelu_output)
+    exact = _torch_batch_norm_act(x.double(), w, b, grad, gelu_input, gelu_output)
+    for name, g, t, e in zip(("output", "input grad", "weight grad", "bias grad"), got, torch_bf16, exact,
+                             strict=True):
+        err, torch_err = (float((v.double() - e).abs().max() / e.abs().max()) for v in (g, t))
+        assert err <= 1.5 * torch_err + 1e-6, (name, err, torch_err)
+
+
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
     """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
     bn, ref_bn = _bn(8), _bn(8)
@@ -128,16 +169,20 @@ def test_one_row_per_channel_is_refused_as_torch_does(kernels: None) -> None:
 def test_ops_name_a_wrong_layout(kernels: None) -> None:
     with pytest.raises(RuntimeError, match=r"bn_stats: x must be a contiguous \[6, 4\]"):
         torch.ops.stl_cpu.bn_stats(torch.randn(4, 6).t(), False)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="bn_stats: x must be float32 or bfloat16, got Double"):
         torch.ops.stl_cpu.bn_stats(torch.randn(6, 4, dtype=torch.float64), False)
+    x, C = torch.randn(6, 4, dtype=torch.bfloat16), torch.ones(4)
+    with pytest.raises(RuntimeError, match="bn_backward: grad must be a BFloat16 CPU tensor, got Float"):
+        torch.ops.stl_cpu.bn_backward(torch.randn(6, 4), x, C, C, C, C, C, False, False)
 
 
-def test_kernels_apply_only_to_eager_fp32_training_statistics(kernels: None) -> None:
+def test_kernels_apply_only_to_eager_training_statistics(kernels: None) -> None:
     bn = _bn(8)
     x = _channels_last(2, 8, 4, 4)
     assert cpu_kernels.applies(x, bn)
+    assert cpu_kernels.applies(x.to(torch.bfloat16), bn)  # activations under autocast
+    assert not cpu_kernels.applies(x.to(torch.float16), bn)
     assert not cpu_kernels.applies(x.contiguous(), bn)  # NCHW
-    assert not cpu_kernels.applies(x.to(torch.bfloat16), bn)  # autocast
     assert not cpu_kernels.applies(x, bn.eval())  # running statistics
     assert not cpu_kernels.applies(x[:0], bn.train())  # an empty batch: torch's ops handle it
     sync = torch.nn.SyncBatchNorm(8).train()  # statistics across processes: not these kernels'
@@ -250,13 +295,43 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
         torch.testing.assert_close(b_f, b_p, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("name", ["fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid_token"])
+def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kernels: None,
+                                                                 kernel_calls: list) -> None:
+    """A bf16-autocast training step with the kernels is as close to the fp32 step as torch's bf16 step is."""
+    torch.manual_seed(0)
+    fp32 = timm.create_model(name, num_classes=5, img_size=32).train()
+    plain, fused = copy.deepcopy(fp32), copy.deepcopy(fp32)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    cpu_kernels._set(False)
+    out_e, grads_e = _model_step(fp32, x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_p, grads_p = _model_step(plain, x, y)
+        assert kernel_calls == []
+        cpu_kernels._set(True)
+        out_f, grads_f = _model_step(fused, x, y)
+    assert kernel_calls.count(True) == len(plain.blocks)
+    assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+
+    def error(out: torch.Tensor, grads: dict) -> list[float]:
+        return [float((out.float() - out_e).abs().max())] + [
+            float((grads[n].float() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads_e.items()
+        ]
+
+    for what, err, torch_err in zip(["output", *grads_e], error(out_f, grads_f), error(out_p, grads_p),
+                                    strict=True):
+        assert err <= 3 * torch_err + 1e-3, (what, err, torch_err)
+    for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b_f, b_p, rtol=2e-2, atol=1e-3, msg=n)
+
+
 def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, kernel_calls: list) -> None:
     torch.manual_seed(0)
     model = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32).train()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
     with fused_backward(False):  # double backward, torch.func: the plain graph
         _model_step(model, x, y)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16 activations
+    with torch.autocast("cpu", dtype=torch.float16):  # fp16 activations
         _model_step(model, x, y)
     with torch.no_grad():  # inference in training mode
         model(x)

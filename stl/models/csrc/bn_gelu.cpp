@@ -1,8 +1,10 @@
-// Fused BatchNorm (training statistics) + GELU passes over channels-last activations, fp32, CPU.
+// Fused BatchNorm (training statistics) + GELU passes over channels-last activations, fp32 or bf16, CPU.
 //
 // Built on first use by stl/models/cpu_kernels.py (torch.utils.cpp_extension) and registered as
 // torch.ops.stl_cpu.*. Every tensor argument is a contiguous [M, C] view of a channels-last [B, C, H, W]
-// activation (M = B * H * W rows of C channels); per-channel vectors are [C] float32.
+// activation (M = B * H * W rows of C channels), float32 or bfloat16 (all of one call alike; bf16 as
+// autocast runs BatchNorm and GELU: read and written in bf16, computed in fp32); per-channel vectors are
+// [C] float32.
 //
 // Why: torch's channels-last BatchNorm backward is far from memory speed at few channels (FAN-ViT's first stem
 // layer, 24 channels at 112 x 112, batch 16: BatchNorm + GELU backward ~20 ms here against ~4-5 ms), and a
@@ -19,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -32,10 +35,26 @@ constexpr int64_t kBlockRows = 64;  // the unit of parallel work and of the floa
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
 
+using BVec = at::vec::Vectorized<at::BFloat16>;
+using at::BFloat16;
+
+// n (<= kV) values of a row as one float vector, and back.
 STL_INLINE Vec load(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
 STL_INLINE void store(const Vec& v, float* p, int64_t n) {
   if (n == kV) v.store(p);
   else v.store(p, n);
+}
+STL_INLINE Vec load(const BFloat16* p, int64_t n) {
+  return std::get<0>(at::vec::convert_bfloat16_float(BVec::loadu(p, n)));
+}
+STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
+  at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
+}
+// v rounded to T, as a value stored in T and read back
+template <typename T>
+STL_INLINE Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
 }
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, the formula of ATen's vectorized erf) with
@@ -108,8 +127,8 @@ void for_blocks(int64_t M, int64_t C, const F& f) {
   });
 }
 
-void check_rows(const at::Tensor& t, const char* name, int64_t M, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat, name, " must be a float32 CPU tensor, got ",
+void check_rows(const at::Tensor& t, const char* name, int64_t M, int64_t C, at::ScalarType dtype) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype, name, " must be a ", dtype, " CPU tensor, got ",
               t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.dim() == 2 && t.size(0) == M && t.size(1) == C && t.is_contiguous(), name,
               " must be a contiguous [", M, ", ", C, "] tensor, got ", t.sizes(), " strides ", t.strides());
@@ -161,16 +180,13 @@ at::Tensor channel_vector(const std::vector<double>& v) {
 
 // y = BN(x') with x' = GELU(x) when gelu_input, else x; then y = GELU(y) when gelu_output. The GELU before
 // the BatchNorm is recomputed wherever x' is needed instead of being stored: one pass over memory less each
-// way, and no saved activation.
+// way, and no saved activation. The row kernels below take T = float or BFloat16 rows and compute in float.
 STL_INLINE Vec bn_input(const Vec& x, bool gelu_input) { return gelu_input ? gelu(x) : x; }
 
 // Batch statistics of x': mean and biased variance per channel. Sums are shifted by the first row to keep
 // E[x'^2] - E[x']^2 accurate when the mean is large.
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool gelu_input) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_stats: x must be [M, C] with M > 0, got ", x.sizes());
-  const int64_t M = x.size(0), C = x.size(1);
-  check_rows(x, "bn_stats: x", M, C);
-  const float* px = x.data_ptr<float>();
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> stats_rows(const T* px, int64_t M, int64_t C, bool gelu_input) {
   std::vector<float> shift(C);
   for_channels(C, [&](int64_t c, int64_t n) { store(bn_input(load(px + c, n), gelu_input), shift.data() + c, n); });
   std::vector<double> s, q;
@@ -188,16 +204,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool gelu_input
 }
 
 // y = x' * scale + shift per channel (BN with its statistics folded in), then GELU when gelu_output.
-at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
-                    bool gelu_output) {
-  TORCH_CHECK(x.dim() == 2, "bn_apply: x must be [M, C], got ", x.sizes());
-  const int64_t M = x.size(0), C = x.size(1);
-  check_rows(x, "bn_apply: x", M, C);
-  check_channels(scale, "bn_apply: scale", C);
-  check_channels(shift, "bn_apply: shift", C);
-  auto y = at::empty_like(x);
-  const float *px = x.data_ptr<float>(), *ps = scale.data_ptr<float>(), *pt = shift.data_ptr<float>();
-  float* py = y.data_ptr<float>();
+template <typename T>
+void apply_rows(const T* px, T* py, int64_t M, int64_t C, const float* ps, const float* pt, bool gelu_input,
+                bool gelu_output) {
   for_blocks(M, C, [&](int64_t, int64_t r0, int64_t r1, int64_t c, int64_t n) {
     const Vec s = load(ps + c, n), t = load(pt + c, n);
     for_rows(r0, r1, [&](int64_t r) {
@@ -205,36 +214,24 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
       store(gelu_output ? gelu(v) : v, py + r * C + c, n);
     });
   });
-  return y;
 }
 
-// Gradients of bn_apply in training mode (through the batch statistics). grad: dL/dy; x: the op's input;
-// mean, invstd: the statistics of x'; weight: BN's weight; scale, shift: as given to bn_apply. Returns
-// (dL/dx, grad weight, grad bias).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
-    bool gelu_output) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_backward: x must be [M, C] with M > 0, got ", x.sizes());
-  const int64_t M = x.size(0), C = x.size(1);
-  check_rows(grad, "bn_backward: grad", M, C);
-  check_rows(x, "bn_backward: x", M, C);
-  for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},
-                         {&shift, "shift"}})
-    check_channels(*t, name, C);
-  auto out = at::empty_like(x);
-  const float *pg = grad.data_ptr<float>(), *px = x.data_ptr<float>(), *pm = mean.data_ptr<float>();
-  const float *ps = scale.data_ptr<float>(), *pt = shift.data_ptr<float>();
-  float* po = out.data_ptr<float>();
-
-  // Pass 1: gy = dL/dBN(x') (written to out when it goes through the output GELU, to be read in pass 2),
-  // and the sums of gy and gy * (x' - mean).
+// dL/dx for bn_apply in training mode (through the batch statistics) into po, given dL/dy (pg) and the input
+// (px); pm, pi: mean and invstd of x'; pw: BN's weight; ps, pt: bn_apply's scale and shift. Returns the sums
+// (grad weight, grad bias).
+template <typename T>
+std::tuple<std::vector<double>, std::vector<double>> backward_rows(
+    const T* pg, const T* px, T* po, int64_t M, int64_t C, const float* pm, const float* pi, const float* pw,
+    const float* ps, const float* pt, bool gelu_input, bool gelu_output) {
+  // Pass 1: gy = dL/dBN(x') (written to po when it goes through the output GELU, to be read in pass 2, and
+  // summed as stored: rounded to T, as torch's GELU backward would hand it on), and the sums of gy and
+  // gy * (x' - mean).
   std::vector<double> sum_gy, sum_gyx;
   sum_rows(M, C, sum_gy, sum_gyx, [&](int64_t r, int64_t c, int64_t n, Vec& a, Vec& b) {
     const Vec xv = bn_input(load(px + r * C + c, n), gelu_input);
     Vec gy = load(pg + r * C + c, n);
     if (gelu_output) {
-      gy = gy * gelu_grad(at::vec::fmadd(xv, load(ps + c, n), load(pt + c, n)));
+      gy = round_to<T>(gy * gelu_grad(at::vec::fmadd(xv, load(ps + c, n), load(pt + c, n))));
       store(gy, po + r * C + c, n);
     }
     a = gy;
@@ -244,7 +241,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   // dL/dx' = a * gy + b * (x' - mean) + d with per-channel a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
   // d = -a * sum_gy / M (centred: no cancellation for a large mean); dL/dx = dL/dx' * GELU'(x) through the
   // input GELU.
-  const float *pi = invstd.data_ptr<float>(), *pw = weight.data_ptr<float>();
   std::vector<float> ca(C), cb(C), cd(C);
   std::vector<double> grad_weight(C), grad_bias(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -255,7 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     grad_weight[c] = sum_gyx[c] * is;
     grad_bias[c] = sum_gy[c];
   }
-  const float* src = gelu_output ? po : pg;
+  const T* src = gelu_output ? po : pg;
   for_blocks(M, C, [&](int64_t, int64_t r0, int64_t r1, int64_t c, int64_t n) {
     const Vec a = load(ca.data() + c, n), b = load(cb.data() + c, n), d = load(cd.data() + c, n);
     const Vec m = load(pm + c, n);
@@ -270,6 +266,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
         store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(xv - m, b, d)), po + i, n);
       }
     });
+  });
+  return {std::move(grad_weight), std::move(grad_bias)};
+}
+
+// Calls f(T{}) with T the element type of x: float or BFloat16.
+template <typename F>
+auto dispatch(const at::Tensor& x, const char* op, const F& f) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
+}
+
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool gelu_input) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_stats: x must be [M, C] with M > 0, got ", x.sizes());
+  const int64_t M = x.size(0), C = x.size(1);
+  check_rows(x, "bn_stats: x", M, C, x.scalar_type());
+  return dispatch(x, "bn_stats", [&](auto tag) {
+    return stats_rows(x.const_data_ptr<decltype(tag)>(), M, C, gelu_input);
+  });
+}
+
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
+                    bool gelu_output) {
+  TORCH_CHECK(x.dim() == 2, "bn_apply: x must be [M, C], got ", x.sizes());
+  const int64_t M = x.size(0), C = x.size(1);
+  check_rows(x, "bn_apply: x", M, C, x.scalar_type());
+  check_channels(scale, "bn_apply: scale", C);
+  check_channels(shift, "bn_apply: shift", C);
+  auto y = at::empty_like(x);
+  dispatch(x, "bn_apply", [&](auto tag) {
+    using T = decltype(tag);
+    apply_rows(x.const_data_ptr<T>(), y.data_ptr<T>(), M, C, scale.const_data_ptr<float>(),
+               shift.const_data_ptr<float>(), gelu_input, gelu_output);
+    return 0;
+  });
+  return y;
+}
+
+// Gradients of bn_apply in training mode: (dL/dx, grad weight, grad bias). grad: dL/dy (x's dtype); x: the
+// op's input; mean, invstd: the statistics of x'; weight: BN's weight; scale, shift: as given to bn_apply.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
+    bool gelu_output) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_backward: x must be [M, C] with M > 0, got ", x.sizes());
+  const int64_t M = x.size(0), C = x.size(1);
+  check_rows(x, "bn_backward: x", M, C, x.scalar_type());
+  check_rows(grad, "bn_backward: grad", M, C, x.scalar_type());
+  for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},
+                         {&shift, "shift"}})
+    check_channels(*t, name, C);
+  auto out = at::empty_like(x);
+  auto [grad_weight, grad_bias] = dispatch(x, "bn_backward", [&](auto tag) {
+    using T = decltype(tag);
+    return backward_rows(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), out.data_ptr<T>(), M, C,
+                         mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
+                         weight.const_data_ptr<float>(), scale.const_data_ptr<float>(),
+                         shift.const_data_ptr<float>(), gelu_input, gelu_output);
   });
   return {out, channel_vector(grad_weight), channel_vector(grad_bias)};
 }

@@ -17,6 +17,7 @@ torch's ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
@@ -24,7 +25,7 @@ import re
 import shutil
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -119,6 +120,19 @@ def keeps_cpu_kernels_setting(fn: Callable[_P, _R]) -> Callable[_P, _R]:
             _set(previous)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def recorded_setting(enabled: bool) -> Iterator[None]:
+    """The switch as a forward pass found it (``cpu_kernels_enabled()`` then), for recomputing that forward
+    later (gradient checkpointing) with the same ops and saved tensors; the current setting is restored
+    after."""
+    previous = _enabled
+    _set(enabled)
+    try:
+        yield
+    finally:
+        _set(previous)
 
 
 def _set(enabled: bool) -> None:

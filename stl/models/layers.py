@@ -130,12 +130,12 @@ def fused_backward(enabled: bool) -> Iterator[None]:
 
 def checkpoint_block(block: nn.Module, *args: object) -> object:
     """``block(*args)`` under non-reentrant gradient checkpointing, recomputed in backward with the
-    :func:`fused_backward` setting of the forward (backward may run in another thread or outside the
-    block)."""
-    enabled = _fused_backward_enabled()
+    :func:`fused_backward` and CPU-kernel settings of the forward (backward may run in another thread or
+    outside the block; a recomputation with other ops would save other tensors)."""
+    enabled, kernels = _fused_backward_enabled(), cpu_kernels.cpu_kernels_enabled()
 
     def run(*inputs: object) -> object:
-        with fused_backward(enabled):
+        with fused_backward(enabled), cpu_kernels.recorded_setting(kernels):
             return block(*inputs)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)

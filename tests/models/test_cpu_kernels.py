@@ -314,15 +314,34 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
     def error(out: torch.Tensor, grads: dict) -> list[float]:
-        return [float((out.float() - out_e).abs().max())] + [
-            float((grads[n].float() - g).abs().max() / g.abs().max().clamp_min(1e-12)) for n, g in grads_e.items()
-        ]
+        relative = [float((grads[n].float() - g).abs().max() / g.abs().max().clamp_min(1e-12))
+                    for n, g in grads_e.items()]
+        return [float((out.float() - out_e).abs().max()), *relative]
 
     for what, err, torch_err in zip(["output", *grads_e], error(out_f, grads_f), error(out_p, grads_p),
                                     strict=True):
         assert err <= 3 * torch_err + 1e-3, (what, err, torch_err)
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=2e-2, atol=1e-3, msg=n)
+
+
+def test_checkpointed_blocks_recompute_with_the_kernel_setting_of_their_forward(kernels: None,
+                                                                               kernel_calls: list) -> None:
+    """Switching the kernels off between forward and backward does not change what gradient checkpointing
+    recomputes (other ops would save other tensors: torch's checkpoint refuses that)."""
+    torch.manual_seed(0)
+    plain = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    _, want = _model_step(plain, x, y)
+    loss = F.cross_entropy(checkpointed(x), y)
+    cpu_kernels._set(False)
+    loss.backward()
+    assert not cpu_kernels.cpu_kernels_enabled()
+    assert kernel_calls.count(True) == 3 * len(plain.blocks)  # both forwards and the recomputation
+    for n, p in checkpointed.named_parameters():
+        torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
 def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, kernel_calls: list) -> None:

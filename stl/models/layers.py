@@ -467,7 +467,8 @@ class _FanMlpFunction(torch.autograd.Function):
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
         c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
-        kernels = bn_training and bn_w is not None and cpu_kernels.applies(c1)
+        # fp32 BatchNorm parameters (a model cast to bf16 as a whole keeps torch's ops)
+        kernels = bn_training and bn_w is not None and bn_w.dtype == torch.float32 and cpu_kernels.applies(c1)
         if kernels:  # GELU + BatchNorm in two passes, the GELU recomputed in backward (cpu_kernels)
             bn_rows, stats = cpu_kernels.bn_train_forward(
                 c1.permute(0, 2, 3, 1).reshape(B * N, hidden), bn_w, bn_b, bn_mean, bn_var, momentum, eps,

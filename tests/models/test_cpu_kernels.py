@@ -352,6 +352,7 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
         _model_step(model, x, y)
     with torch.autocast("cpu", dtype=torch.float16):  # fp16 activations
         _model_step(model, x, y)
+    _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)  # bf16 BatchNorm parameters
     with torch.no_grad():  # inference in training mode
         model(x)
     model.eval()(x)

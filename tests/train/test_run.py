@@ -304,8 +304,9 @@ def test_only_settings_that_change_the_weights_are_fingerprinted() -> None:
 
 
 @pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler")
-def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_path: Path,
-                                                                       monkeypatch) -> None:
+@pytest.mark.parametrize("amp", ["none", "bf16"])
+def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_path: Path, monkeypatch,
+                                                                       amp: str) -> None:
     calls: list[bool] = []
     forward = cpu_kernels.bn_train_forward
 
@@ -317,6 +318,6 @@ def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_
     assert not cpu_kernels.cpu_kernels_enabled()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="stl: the fused CPU kernels")  # they build here
-        summary = _train(data, tmp_path / "out", epochs=1, opts=tiny_opts(cpu_kernels=True))
+        summary = _train(data, tmp_path / "out", epochs=1, opts=tiny_opts(cpu_kernels=True, amp=amp))
     assert calls and summary["epochs_run"] == 1
     assert not cpu_kernels.cpu_kernels_enabled()  # a later run in this process gets torch's ops again

@@ -120,7 +120,8 @@ def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gel
     x = (torch.randn(300, C) * 2 + 0.5).to(torch.bfloat16)
     grad = torch.randn(300, C).to(torch.bfloat16)
     w, b = torch.rand(C) + 0.5, torch.randn(C)
-    y, stats = cpu_kernels.bn_train_forward(x, w, b, torch.zeros(C), torch.ones(C), 0.1, 1e-5,
+    running_mean, running_var = torch.zeros(C), torch.ones(C)
+    y, stats = cpu_kernels.bn_train_forward(x, w, b, running_mean, running_var, 0.1, 1e-5,
                                             gelu_input=gelu_input, gelu_output=gelu_output)
     got = (y, *cpu_kernels.bn_train_backward(grad, x, stats, gelu_input=gelu_input, gelu_output=gelu_output))
     assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
@@ -130,6 +131,11 @@ def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gel
                              strict=True):
         err, torch_err = (float((v.double() - e).abs().max() / e.abs().max()) for v in (g, t))
         assert err <= 1.5 * torch_err + 1e-6, (name, err, torch_err)
+    # every output element within bf16 rounding of the exact value (plus fp32 rounding near zero)
+    torch.testing.assert_close(y.double(), exact[0], rtol=2**-8, atol=1e-5 * float(exact[0].abs().max()))
+    act = F.gelu(x.double()) if gelu_input else x.double()  # the statistics, as F.batch_norm keeps them
+    torch.testing.assert_close(running_mean.double(), 0.1 * act.mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * act.var(0), rtol=1e-5, atol=1e-7)
 
 
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
@@ -298,7 +304,9 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
 @pytest.mark.parametrize("name", ["fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid_token"])
 def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kernels: None,
                                                                  kernel_calls: list) -> None:
-    """A bf16-autocast training step with the kernels is as close to the fp32 step as torch's bf16 step is."""
+    """A bf16-autocast training step with the kernels is as close to the fp32 step as torch's bf16 step is:
+    per output and gradient, the relative L2 distance to the fp32 step over torch's (measured here: at most
+    1.6x, 0.94-0.97x in the median; bf16 stores biased by 1/64 give 2.3-2.5x and 1.09-1.28x)."""
     torch.manual_seed(0)
     fp32 = timm.create_model(name, num_classes=5, img_size=32).train()
     plain, fused = copy.deepcopy(fp32), copy.deepcopy(fp32)
@@ -313,14 +321,14 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert kernel_calls.count(True) == len(plain.blocks)
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
-    def error(out: torch.Tensor, grads: dict) -> list[float]:
-        relative = [float((grads[n].float() - g).abs().max() / g.abs().max().clamp_min(1e-12))
-                    for n, g in grads_e.items()]
-        return [float((out.float() - out_e).abs().max()), *relative]
+    def distance(out: torch.Tensor, grads: dict) -> list[float]:
+        pairs = [(out, out_e)] + [(grads[n], g) for n, g in grads_e.items()]
+        return [float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in pairs]
 
-    for what, err, torch_err in zip(["output", *grads_e], error(out_f, grads_f), error(out_p, grads_p),
-                                    strict=True):
-        assert err <= 3 * torch_err + 1e-3, (what, err, torch_err)
+    ratios = {what: ours / max(theirs, 1e-12) for what, ours, theirs in
+              zip(["output", *grads_e], distance(out_f, grads_f), distance(out_p, grads_p), strict=True)}
+    assert max(ratios.values()) <= 2.0, sorted(ratios.items(), key=lambda kv: kv[1])[-3:]
+    assert sorted(ratios.values())[len(ratios) // 2] <= 1.1
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=2e-2, atol=1e-3, msg=n)
 

@@ -307,12 +307,12 @@ def test_only_settings_that_change_the_weights_are_fingerprinted() -> None:
 @pytest.mark.parametrize("amp", ["none", "bf16"])
 def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_path: Path, monkeypatch,
                                                                        amp: str) -> None:
-    calls: list[bool] = []
+    calls: list[torch.dtype] = []  # the activations' dtype per BatchNorm the kernels ran
     forward = cpu_kernels.bn_train_forward
 
-    def counted(*args, **kwargs):
-        calls.append(True)
-        return forward(*args, **kwargs)
+    def counted(x, *args, **kwargs):
+        calls.append(x.dtype)
+        return forward(x, *args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
     assert not cpu_kernels.cpu_kernels_enabled()
@@ -320,4 +320,5 @@ def test_cpu_kernels_option_trains_with_them_and_restores_the_setting(data, tmp_
         warnings.filterwarnings("error", message="stl: the fused CPU kernels")  # they build here
         summary = _train(data, tmp_path / "out", epochs=1, opts=tiny_opts(cpu_kernels=True, amp=amp))
     assert calls and summary["epochs_run"] == 1
+    assert set(calls) == {torch.bfloat16 if amp == "bf16" else torch.float32}
     assert not cpu_kernels.cpu_kernels_enabled()  # a later run in this process gets torch's ops again

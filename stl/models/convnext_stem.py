@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from timm.layers import LayerNorm2d, trunc_normal_
 from torch import nn
 
+from . import cpu_kernels
 from .layers import _records_eager_backward, linear_gelu_linear
 
 __all__ = ["ConvNeXtBlock", "ConvNeXtStage", "ConvNeXtStem", "HybridEmbed"]
@@ -64,12 +65,14 @@ def _depthwise_weight_grad(grad_out: torch.Tensor, x: torch.Tensor, weight: torc
 class _DepthwiseConvFunction(torch.autograd.Function):
     """``F.conv2d(x, weight, bias, padding=k // 2, groups=C)`` (stride 1): the same forward, a backward whose
     weight gradient comes from :func:`_depthwise_weight_grad` and whose bias gradient is a plain sum (asking
-    oneDNN for the bias gradient alone runs its slow weight-gradient path)."""
+    oneDNN for the bias gradient alone runs its slow weight-gradient path), or both from the CPU kernels
+    (``cpu_kernels``, as switched when the forward ran; ~2x faster again)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.padding = (weight.shape[-2] // 2, weight.shape[-1] // 2)
+        ctx.kernels = x.dtype == torch.float32 and cpu_kernels.applies(x)
         return F.conv2d(x, weight, bias, 1, ctx.padding, 1, weight.shape[0])
 
     @staticmethod
@@ -85,6 +88,10 @@ class _DepthwiseConvFunction(torch.autograd.Function):
                 grad_out, x, weight, None, (1, 1), ctx.padding, (1, 1), False, (0, 0), weight.shape[0],
                 [True, False, False],
             )[0]
+        if ctx.kernels and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            grad_w, grad_b = cpu_kernels.depthwise_weight_grad(grad_out, x, weight.shape[-2:])
+            wanted = ctx.needs_input_grad
+            return grad_x, grad_w if wanted[1] else None, grad_b if wanted[2] else None
         if ctx.needs_input_grad[1]:
             grad_w = _depthwise_weight_grad(grad_out, x, weight)
         if ctx.needs_input_grad[2]:

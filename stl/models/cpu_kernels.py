@@ -1,14 +1,15 @@
-"""Optional fused CPU kernels for the BatchNorm + GELU passes of FAN models (channels-last), built on
-first use with ``torch.utils.cpp_extension`` from ``csrc/bn_gelu.cpp`` (ops ``torch.ops.stl_cpu.*``).
+"""Optional CPU kernels for FAN models' training steps (channels-last), built on first use with
+``torch.utils.cpp_extension`` from ``csrc/*.cpp`` (ops ``torch.ops.stl_cpu.*``).
 
     import stl.models
     stl.models.use_cpu_kernels(True)     # what `train.cpu_kernels: true` in params.yaml does
 
 They serve eager training on the CPU: BatchNorm in training mode over channels-last activations, fused
 with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem), in fp32 or, under bf16 autocast,
-on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do). Elsewhere (eval mode,
-CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
-float rounding, so the switch is off by default, like ``fused=True`` AdamW.
+on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do); and the weight and bias
+gradients of the ConvNeXt stem's 7x7 depthwise convs (fp32, as they run under autocast too). Elsewhere
+(eval mode, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match
+torch's to float rounding, so the switch is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~10 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
@@ -31,12 +32,15 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-__all__ = ["batch_norm_act", "cpu_kernels_enabled", "keeps_cpu_kernels_setting", "use_cpu_kernels"]
+__all__ = ["batch_norm_act", "cpu_kernels_enabled", "depthwise_weight_grad", "keeps_cpu_kernels_setting",
+           "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
-_SOURCE = Path(__file__).parent / "csrc" / "bn_gelu.cpp"
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = (_CSRC / "bn_gelu.cpp", _CSRC / "depthwise.cpp")
+_HEADERS = (_CSRC / "vec_rows.h",)
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
@@ -64,11 +68,12 @@ def _build() -> str | None:
         flags = ["-O3", "-fopenmp", *_INLINE_FLAGS, *vector_flags]
         # one build per source, flags, torch and environment: the cache directory is shared by every
         # environment on the machine, and a build against other torch headers must not replace this one
-        key = "\n".join([_SOURCE.read_text(), *flags, torch.__version__, sys.prefix])
+        texts = [path.read_text() for path in (*_SOURCES, *_HEADERS)]
+        key = "\n".join([*texts, *flags, torch.__version__, sys.prefix])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cpp_extension.load(
             name=f"stl_bn_gelu_{re.sub(r'[^0-9a-z]+', '_', capability.lower())}_{digest}",
-            sources=[str(_SOURCE)],
+            sources=[str(path) for path in _SOURCES],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],  # torch's own libgomp (same soname, already loaded): one thread pool
             is_python_module=False,
@@ -213,6 +218,16 @@ def bn_train_backward(
     return torch.ops.stl_cpu.bn_backward(
         grad.contiguous(), x, mean, invstd, weight, scale, shift, gelu_input, gelu_output
     )
+
+
+def depthwise_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad weight [C, 1, kh, kw], grad bias [C]) of a stride-1, same-padded depthwise conv of the fp32
+    channels-last image ``x``; use where :func:`applies` holds for ``x`` and ``x`` is fp32."""
+    kh, kw = kernel_size
+    hwc = [t.permute(0, 2, 3, 1).contiguous() for t in (grad_out, x)]  # views for channels-last images
+    return torch.ops.stl_cpu.depthwise_weight_grad(*hwc, kh, kw)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

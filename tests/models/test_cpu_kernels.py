@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stl.models import cpu_kernels, fused_backward
+from stl.models.convnext_stem import ConvNeXtBlock
 from stl.models.layers import ConvPatchEmbed, FanMlp
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
@@ -136,6 +137,51 @@ def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gel
     act = F.gelu(x.double()) if gelu_input else x.double()  # the statistics, as F.batch_norm keeps them
     torch.testing.assert_close(running_mean.double(), 0.1 * act.mean(0), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * act.var(0), rtol=1e-5, atol=1e-7)
+
+
+# 40 channels: two vectors and a tail; images narrower and shorter than the kernel; non-square kernels
+@pytest.mark.parametrize(("shape", "kernel"), [((2, 40, 9, 7), (7, 7)), ((3, 16, 2, 3), (7, 7)),
+                                               ((2, 24, 6, 5), (5, 3)), ((1, 70, 4, 4), (1, 1))])
+def test_depthwise_weight_grad_matches_float64(kernels: None, shape: tuple[int, ...],
+                                               kernel: tuple[int, int]) -> None:
+    """The ConvNeXt stem's depthwise weight and bias gradients (stride 1, same padding) as oneDNN's in
+    float64, to fp32 rounding."""
+    torch.manual_seed(0)
+    x, grad = _channels_last(*shape, offset=1.0), _channels_last(*shape)
+    C, (kh, kw) = shape[1], kernel
+    weight = torch.randn(C, 1, kh, kw)
+    got_w, got_b = cpu_kernels.depthwise_weight_grad(grad, x, kernel)
+    _, want_w, want_b = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), weight.double(), [C], (1, 1), (kh // 2, kw // 2), (1, 1), False, (0, 0), C,
+        [False, True, True])
+    assert got_w.shape == weight.shape and got_w.dtype == got_b.dtype == torch.float32
+    for got, want in ((got_w, want_w), (got_b, want_b)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * float(want.abs().max()))
+
+
+def test_depthwise_weight_grad_does_not_depend_on_the_thread_count(kernels: None) -> None:
+    x, grad = _channels_last(5, 40, 12, 12), _channels_last(5, 40, 12, 12)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.depthwise_weight_grad(grad, x, (7, 7))
+        torch.set_num_threads(2)
+        two = cpu_kernels.depthwise_weight_grad(grad, x, (7, 7))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_depthwise_weight_grad_names_wrong_arguments(kernels: None) -> None:
+    x = torch.randn(2, 4, 4, 8)
+    with pytest.raises(RuntimeError, match="the kernel must have odd sides, got 6x7"):
+        torch.ops.stl_cpu.depthwise_weight_grad(x, x, 6, 7)
+    with pytest.raises(RuntimeError,
+                       match=r"x must be a contiguous float32 \[B, H, W, C\] CPU tensor, got BF"):
+        torch.ops.stl_cpu.depthwise_weight_grad(x, x.bfloat16(), 7, 7)
+    with pytest.raises(RuntimeError, match=r"grad \[2, 4, 4, 4\] and x \[2, 4, 4, 8\] differ"):
+        torch.ops.stl_cpu.depthwise_weight_grad(x[..., :4].contiguous(), x, 7, 7)
 
 
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
@@ -264,15 +310,21 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records each BatchNorm the kernels run (its gelu_input flag)."""
-    calls: list[bool] = []
-    forward = cpu_kernels.bn_train_forward
+    """Records each BatchNorm the kernels run (its gelu_input flag) and each depthwise weight gradient
+    ("depthwise")."""
+    calls: list[bool | str] = []
+    forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
 
     def counted(*args, **kwargs):
         calls.append(bool(kwargs.get("gelu_input")))
         return forward(*args, **kwargs)
 
+    def counted_depthwise(*args, **kwargs):
+        calls.append("depthwise")
+        return depthwise(*args, **kwargs)
+
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
+    monkeypatch.setattr(cpu_kernels, "depthwise_weight_grad", counted_depthwise)
     return calls
 
 
@@ -289,9 +341,11 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     cpu_kernels._set(True)
     out_f, grads_f = _model_step(fused, x, y)
     blocks = len(plain.blocks)
-    # every FAN block's MLP (GELU -> BatchNorm); FAN-ViT's stem too (four BatchNorms, three GELUs after)
+    # every FAN block's MLP (GELU -> BatchNorm); FAN-ViT's stem too (four BatchNorms, three GELUs after); the
+    # hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count(True) == blocks
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+    assert kernel_calls.count("depthwise") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     assert grads_f.keys() == grads_p.keys()
     scale = max(g.abs().max() for g in grads_p.values())
@@ -374,7 +428,7 @@ def test_a_failed_build_warns_and_keeps_torch_ops(tmp_path, monkeypatch: pytest.
     bad = tmp_path / "bn_gelu.cpp"
     bad.write_text("this is not C++\n")
     previous = cpu_kernels.cpu_kernels_enabled()
-    monkeypatch.setattr(cpu_kernels, "_SOURCE", bad)
+    monkeypatch.setattr(cpu_kernels, "_SOURCES", (bad,))
     cpu_kernels._build.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not be built .*using torch's ops"):

@@ -12,50 +12,25 @@
 // is recomputed, not stored). Results match torch's ops to float rounding; statistics are summed in fixed
 // row blocks, so they do not depend on the thread count.
 
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <tuple>
-#include <type_traits>
 #include <vector>
+
+#include "vec_rows.h"
 
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-// The vector helpers must inline into the loops (a call would spill every live vector register around it).
-#define STL_INLINE inline __attribute__((always_inline))
-constexpr int64_t kV = Vec::size();
+using namespace stl_cpu;
+
 constexpr int64_t kBlockRows = 64;  // the unit of parallel work and of the float partial sums (combined in
                                     // double in block order, so results do not depend on the thread count)
 constexpr float kSqrtHalf = 0.70710678118654752440f;
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;
-
-using BVec = at::vec::Vectorized<at::BFloat16>;
-using at::BFloat16;
-
-// n (<= kV) values of a row as one float vector, and back.
-STL_INLINE Vec load(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
-STL_INLINE void store(const Vec& v, float* p, int64_t n) {
-  if (n == kV) v.store(p);
-  else v.store(p, n);
-}
-STL_INLINE Vec load(const BFloat16* p, int64_t n) {
-  return std::get<0>(at::vec::convert_bfloat16_float(BVec::loadu(p, n)));
-}
-STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
-  at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
-}
-// v rounded to T, as a value stored in T and read back
-template <typename T>
-STL_INLINE Vec round_to(const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
-}
 
 // erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, the formula of ATen's vectorized erf) with
 // e = exp(-x^2) given, so that GELU's derivative computes the exponential once.
@@ -169,13 +144,6 @@ void sum_rows(int64_t M, int64_t C, std::vector<double>& out_a, std::vector<doub
       out_b[c] += pa[C + c];
     }
   }
-}
-
-at::Tensor channel_vector(const std::vector<double>& v) {
-  auto t = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
-  float* p = t.data_ptr<float>();
-  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
-  return t;
 }
 
 // y = BN(x') with x' = GELU(x) when gelu_input, else x; then y = GELU(y) when gelu_output. The GELU before

@@ -1,0 +1,50 @@
+// Vector helpers shared by this project's CPU kernels (bn_gelu.cpp, depthwise.cpp): float vectors of ATen's
+// instruction set (the CPU_CAPABILITY the build defines), loaded from and stored to rows of float or bf16.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cstdint>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+// The vector helpers must inline into the loops (a call would spill every live vector register around it).
+#define STL_INLINE inline __attribute__((always_inline))
+
+namespace stl_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+using BVec = at::vec::Vectorized<at::BFloat16>;
+using at::BFloat16;
+constexpr int64_t kV = Vec::size();
+
+// n (<= kV) values of a row as one float vector, and back.
+STL_INLINE Vec load(const float* p, int64_t n) { return n == kV ? Vec::loadu(p) : Vec::loadu(p, n); }
+STL_INLINE void store(const Vec& v, float* p, int64_t n) {
+  if (n == kV) v.store(p);
+  else v.store(p, n);
+}
+STL_INLINE Vec load(const BFloat16* p, int64_t n) {
+  return std::get<0>(at::vec::convert_bfloat16_float(BVec::loadu(p, n)));
+}
+STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
+  at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
+}
+// v rounded to T, as a value stored in T and read back
+template <typename T>
+STL_INLINE Vec round_to(const Vec& v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+}
+
+// A float32 [n] tensor of double values.
+inline at::Tensor channel_vector(const std::vector<double>& v) {
+  auto t = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
+  float* p = t.data_ptr<float>();
+  for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
+  return t;
+}
+
+}  // namespace stl_cpu

@@ -220,6 +220,24 @@ def bn_train_backward(
     )
 
 
+def applies_to_rows(x: torch.Tensor) -> bool:
+    """Whether the kernels serve an op over the [M, C] rows ``x``: switched on, contiguous fp32 or bf16 on
+    the CPU."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.dim() == 2
+        and x.is_contiguous()
+    )
+
+
+def gelu_backward_sum_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``grad * GELU'(x)`` written over ``x`` (exact GELU), and its column sums (float32): the backward of a
+    GELU and of the bias added before it, in one pass; use where :func:`applies_to_rows` holds for ``x``."""
+    return torch.ops.stl_cpu.gelu_backward_sum_(grad.contiguous(), x)
+
+
 def depthwise_weight_grad(
     grad_out: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -252,8 +252,9 @@ class _LinearGeluLinear(torch.autograd.Function):
     than the arithmetic (2-3x on a 100 MB tensor). Here the hidden grad is written over the saved GELU output
     (not needed once fc2's weight grad is taken) and the GELU backward over the saved pre-activation: the same
     math and results, no new hidden-size memory; the two buffers then go to the next step's forward
-    (:class:`_BufferPool`). Not differentiable twice, and its graph can be run backward once only (it consumes
-    its saved tensors).
+    (:class:`_BufferPool`). With the CPU kernels on (``cpu_kernels``), the GELU backward also sums fc1's bias
+    gradient in the same pass. Not differentiable twice, and its graph can be run backward once only (it
+    consumes its saved tensors).
     """
 
     @staticmethod
@@ -275,9 +276,13 @@ class _LinearGeluLinear(torch.autograd.Function):
         grad_w2 = grad_out.t().mm(act)
         grad_b2 = grad_out.sum(0)
         grad_act = torch.mm(grad_out, w2, out=act)  # act is no longer needed
-        grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_act, pre, grad_input=pre)
+        if cpu_kernels.applies_to_rows(pre):  # GELU backward and fc1's bias grad in one pass
+            grad_b1 = cpu_kernels.gelu_backward_sum_(grad_act, pre).to(pre.dtype)
+            grad_pre = pre
+        else:
+            grad_pre = torch.ops.aten.gelu_backward.grad_input(grad_act, pre, grad_input=pre)
+            grad_b1 = grad_pre.sum(0)
         grad_w1 = grad_pre.t().mm(x)
-        grad_b1 = grad_pre.sum(0)
         grad_x = grad_pre.mm(w1) if ctx.needs_input_grad[0] else None
         _POOL.give(pre, act)  # the grads above are new tensors; nothing reads these two again
         return grad_x, grad_w1, grad_b1, grad_w2, grad_b2

@@ -159,6 +159,42 @@ def test_depthwise_weight_grad_matches_float64(kernels: None, shape: tuple[int, 
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * float(want.abs().max()))
 
 
+# 37 channels: two vectors and a tail; 301 rows: not a multiple of the 4-row step; no rows at all
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("M", "C"), [(301, 37), (64, 512), (0, 16)])
+def test_gelu_backward_sum_matches_torch(kernels: None, dtype: torch.dtype, M: int, C: int) -> None:
+    """GELU's backward written over its input, with the column sums (fc1's bias gradient): as accurate
+    against float64 as torch's gelu_backward and sum."""
+    torch.manual_seed(M + C)
+    x, grad = (torch.randn(M, C) * 2).to(dtype), torch.randn(M, C).to(dtype)
+    buffer = x.clone()
+    sums = cpu_kernels.gelu_backward_sum_(grad, buffer)
+    assert sums.dtype == torch.float32 and sums.shape == (C,)
+    torch_grad = torch.ops.aten.gelu_backward(grad, x)
+    exact = torch.ops.aten.gelu_backward(grad.double(), x.double())
+    if M == 0:
+        assert torch.equal(sums, torch.zeros(C))
+        return
+    for got, theirs, want in ((buffer, torch_grad, exact), (sums, torch_grad.sum(0), exact.sum(0))):
+        err, torch_err = (float((v.double() - want).abs().max() / want.abs().max()) for v in (got, theirs))
+        assert err <= 1.5 * torch_err + 1e-6, (err, torch_err)
+    with pytest.raises(RuntimeError, match="grad and x must be different tensors"):
+        cpu_kernels.gelu_backward_sum_(buffer, buffer)
+
+
+def test_gelu_backward_sum_does_not_depend_on_the_thread_count(kernels: None) -> None:
+    x, grad = torch.randn(1000, 40), torch.randn(1000, 40)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_kernels.gelu_backward_sum_(grad, x.clone())
+        torch.set_num_threads(2)
+        two = cpu_kernels.gelu_backward_sum_(grad, x.clone())
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
 def test_depthwise_weight_grad_does_not_depend_on_the_thread_count(kernels: None) -> None:
     x, grad = _channels_last(5, 40, 12, 12), _channels_last(5, 40, 12, 12)
     threads = torch.get_num_threads()
@@ -310,10 +346,11 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records each BatchNorm the kernels run (its gelu_input flag) and each depthwise weight gradient
-    ("depthwise")."""
+    """Records each BatchNorm the kernels run (its gelu_input flag), each depthwise weight gradient
+    ("depthwise") and each GELU backward with its bias sum ("gelu")."""
     calls: list[bool | str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
+    gelu_backward = cpu_kernels.gelu_backward_sum_
 
     def counted(*args, **kwargs):
         calls.append(bool(kwargs.get("gelu_input")))
@@ -323,8 +360,13 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         calls.append("depthwise")
         return depthwise(*args, **kwargs)
 
+    def counted_gelu(*args, **kwargs):
+        calls.append("gelu")
+        return gelu_backward(*args, **kwargs)
+
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
     monkeypatch.setattr(cpu_kernels, "depthwise_weight_grad", counted_depthwise)
+    monkeypatch.setattr(cpu_kernels, "gelu_backward_sum_", counted_gelu)
     return calls
 
 
@@ -346,6 +388,8 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     assert kernel_calls.count(True) == blocks
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
+    # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
+    assert kernel_calls.count("gelu") == len(plain.cls_attn_blocks) + kernel_calls.count("depthwise")
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     assert grads_f.keys() == grads_p.keys()
     scale = max(g.abs().max() for g in grads_p.values())
@@ -359,8 +403,9 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
 def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kernels: None,
                                                                  kernel_calls: list) -> None:
     """A bf16-autocast training step with the kernels is as close to the fp32 step as torch's bf16 step is:
-    per output and gradient, the relative L2 distance to the fp32 step over torch's (measured here: at most
-    1.6x, 0.94-0.97x in the median; bf16 stores biased by 1/64 give 2.3-2.5x and 1.09-1.28x)."""
+    for the output and every gradient of 1000 or more entries (a few-entry gradient's distance is noise), the
+    relative L2 distance to the fp32 step over torch's (measured here: at most 1.13x, 0.95-0.97x in the
+    median; with bf16 stores biased by 1/64, at most 1.46-1.94x, 1.08-1.28x in the median)."""
     torch.manual_seed(0)
     fp32 = timm.create_model(name, num_classes=5, img_size=32).train()
     plain, fused = copy.deepcopy(fp32), copy.deepcopy(fp32)
@@ -375,14 +420,16 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert kernel_calls.count(True) == len(plain.blocks)
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
+    large = [n for n, g in grads_e.items() if g.numel() >= 1000]
+
     def distance(out: torch.Tensor, grads: dict) -> list[float]:
-        pairs = [(out, out_e)] + [(grads[n], g) for n, g in grads_e.items()]
+        pairs = [(out, out_e)] + [(grads[n], grads_e[n]) for n in large]
         return [float((a.float() - b).norm() / b.norm().clamp_min(1e-12)) for a, b in pairs]
 
     ratios = {what: ours / max(theirs, 1e-12) for what, ours, theirs in
-              zip(["output", *grads_e], distance(out_f, grads_f), distance(out_p, grads_p), strict=True)}
-    assert max(ratios.values()) <= 2.0, sorted(ratios.items(), key=lambda kv: kv[1])[-3:]
-    assert sorted(ratios.values())[len(ratios) // 2] <= 1.1
+              zip(["output", *large], distance(out_f, grads_f), distance(out_p, grads_p), strict=True)}
+    assert max(ratios.values()) <= 1.3, sorted(ratios.items(), key=lambda kv: kv[1])[-3:]
+    assert sorted(ratios.values())[len(ratios) // 2] <= 1.05
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=2e-2, atol=1e-3, msg=n)
 
@@ -414,11 +461,14 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
         _model_step(model, x, y)
     with torch.autocast("cpu", dtype=torch.float16):  # fp16 activations
         _model_step(model, x, y)
-    _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)  # bf16 BatchNorm parameters
     with torch.no_grad():  # inference in training mode
         model(x)
     model.eval()(x)
     assert kernel_calls == []
+    # a model cast to bf16: no BatchNorm kernels (bf16 parameters); the class-attention MLPs' GELU backward
+    _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)
+    assert kernel_calls == ["gelu"] * len(model.cls_attn_blocks)
+    kernel_calls.clear()
     mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
     mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()
     assert kernel_calls == [True]

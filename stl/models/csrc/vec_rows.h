@@ -27,9 +27,19 @@ STL_INLINE void store(const Vec& v, float* p, int64_t n) {
   else v.store(p, n);
 }
 STL_INLINE Vec load(const BFloat16* p, int64_t n) {
+  if (n == kV) {
+    Vec v;
+    at::vec::load_fp32_from_bf16(p, v);
+    return v;
+  }
   return std::get<0>(at::vec::convert_bfloat16_float(BVec::loadu(p, n)));
 }
 STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)  // one vector's conversion (ATen's generic one converts two)
+  if (n == kV) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#elif defined(CPU_CAPABILITY_AVX2)
+  if (n == kV) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
+#endif
   at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
 }
 // v rounded to T, as a value stored in T and read back

@@ -393,8 +393,9 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     assert grads_f.keys() == grads_p.keys()
     scale = max(g.abs().max() for g in grads_p.values())
-    for n, g in grads_p.items():  # relative to the largest gradient: some are zero in exact arithmetic
-        torch.testing.assert_close(grads_f[n], g, rtol=0, atol=2e-5 * scale, msg=n)
+    for n, g in grads_p.items():  # each relative to its own size, plus a floor (measured: <= 22% of bound)
+        # (the floor for gradients that are zero in exact arithmetic: a bias before a softmax)
+        torch.testing.assert_close(grads_f[n], g, rtol=0, atol=1e-4 * g.abs().max() + 1e-8 * scale, msg=n)
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=1e-4, atol=1e-6, msg=n)
 

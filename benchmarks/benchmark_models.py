@@ -38,8 +38,8 @@ The reference has no ``*_token`` models; those are measured for ours only.
 ``--fused-adamw`` adds rows ``ours+fused-adamw``: our model with ``torch.optim.AdamW(fused=True)``, what
 ``train.fused_optimizer: true`` uses. ``--cpu-kernels`` adds rows ``ours+cpu-kernels``: our model with
 ``stl.models.use_cpu_kernels(True)`` (the CPU kernels of ``train.cpu_kernels: true``; they serve training, so
-its eval figures measure the same code as ``ours``). The ``ours``,
-``ours+cpu-kernels`` and ``reference`` rows keep the loop AdamW, so they compare the models alone.
+its eval figures measure the same code as ``ours``). The ``ours``, ``ours+cpu-kernels`` and ``reference`` rows
+keep the loop AdamW, so they compare the models alone.
 """
 
 from __future__ import annotations

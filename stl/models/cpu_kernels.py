@@ -72,7 +72,7 @@ def _build() -> str | None:
         key = "\n".join([*texts, *flags, torch.__version__, sys.prefix])
         digest = hashlib.sha256(key.encode()).hexdigest()[:12]
         cpp_extension.load(
-            name=f"stl_bn_gelu_{re.sub(r'[^0-9a-z]+', '_', capability.lower())}_{digest}",
+            name=f"stl_cpu_kernels_{re.sub(r'[^0-9a-z]+', '_', capability.lower())}_{digest}",
             sources=[str(path) for path in _SOURCES],
             extra_cflags=flags,
             extra_ldflags=["-fopenmp"],  # torch's own libgomp (same soname, already loaded): one thread pool
@@ -118,11 +118,8 @@ def keeps_cpu_kernels_setting(fn: Callable[_P, _R]) -> Callable[_P, _R]:
 
     @functools.wraps(fn)
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        previous = _enabled
-        try:
+        with recorded_setting(_enabled):
             return fn(*args, **kwargs)
-        finally:
-            _set(previous)
 
     return wrapper
 
@@ -145,27 +142,33 @@ def _set(enabled: bool) -> None:
     _enabled = enabled
 
 
+def _serves(x: torch.Tensor) -> bool:
+    """Switched on, and ``x`` an fp32 or bf16 (activations under autocast) CPU tensor."""
+    return _enabled and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+
+
+def serves_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether ``bn`` is one the kernels run: an affine ``nn.BatchNorm2d`` in training mode with running
+    statistics and fp32 parameters (a model cast to bf16 as a whole keeps torch's ops)."""
+    return (
+        type(bn) is torch.nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
+        and bn.training
+        and bn.track_running_stats
+        and bn.affine
+        and bn.weight.dtype == torch.float32
+    )
+
+
 def applies(x: torch.Tensor, bn: torch.nn.modules.batchnorm._BatchNorm | None = None) -> bool:
     """Whether the kernels serve a training-mode BatchNorm of ``x``: switched on, a non-empty channels-last
-    fp32 or bf16 CPU image and, when ``bn`` is given, an affine fp32 ``nn.BatchNorm2d`` in training mode with
-    running statistics. The caller checks that autograd records an eager backward."""
+    fp32 or bf16 CPU image and, when ``bn`` is given, one :func:`serves_batch_norm` accepts. The caller
+    checks that autograd records an eager backward."""
     return (
-        _enabled
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)  # bf16: activations under autocast
+        _serves(x)
         and x.dim() == 4
         and x.numel() > 0
         and x.is_contiguous(memory_format=torch.channels_last)
-        and (
-            bn is None
-            or (
-                type(bn) is torch.nn.BatchNorm2d  # not SyncBatchNorm: its statistics span processes
-                and bn.training
-                and bn.track_running_stats
-                and bn.affine
-                and bn.weight.dtype == torch.float32
-            )
-        )
+        and (bn is None or serves_batch_norm(bn))
     )
 
 
@@ -223,13 +226,7 @@ def bn_train_backward(
 def applies_to_rows(x: torch.Tensor) -> bool:
     """Whether the kernels serve an op over the [M, C] rows ``x``: switched on, contiguous fp32 or bf16 on
     the CPU."""
-    return (
-        _enabled
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.dim() == 2
-        and x.is_contiguous()
-    )
+    return _serves(x) and x.dim() == 2 and x.is_contiguous()
 
 
 def gelu_backward_sum_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

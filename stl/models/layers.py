@@ -464,7 +464,7 @@ class _FanMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, c1w, c1b, bn_w, bn_b, bn_mean, bn_var, c2w, c2b, w2, b2, meta):  # type: ignore[override]
-        H, W, residual, bn_training, momentum, eps = meta
+        H, W, residual, bn_training, bn_kernels, momentum, eps = meta
         B, N, _ = x.shape
         hidden = w1.shape[0]
         x2 = x.reshape(B * N, -1)
@@ -472,8 +472,7 @@ class _FanMlpFunction(torch.autograd.Function):
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
         c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
-        # fp32 BatchNorm parameters (a model cast to bf16 as a whole keeps torch's ops)
-        kernels = bn_training and bn_w is not None and bn_w.dtype == torch.float32 and cpu_kernels.applies(c1)
+        kernels = bn_kernels and cpu_kernels.applies(c1)
         if kernels:  # GELU + BatchNorm in two passes, the GELU recomputed in backward (cpu_kernels)
             bn_rows, stats = cpu_kernels.bn_train_forward(
                 c1.permute(0, 2, 3, 1).reshape(B * N, hidden), bn_w, bn_b, bn_mean, bn_var, momentum, eps,
@@ -605,7 +604,7 @@ class FanMlp(nn.Module):
             device, [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
         )
         tail_args = _as_autocast_inputs(device, [c2w, c2b, self.fc2.weight, self.fc2.bias])
-        meta = (H, W, self.dwconv_residual, bn.training, momentum, bn.eps)
+        meta = (H, W, self.dwconv_residual, bn.training, cpu_kernels.serves_batch_norm(bn), momentum, bn.eps)
         with torch.autocast(device, enabled=False):
             return _FanMlpFunction.apply(
                 *matmul_args, bn.weight, bn.bias, bn.running_mean, bn.running_var, *tail_args, meta

@@ -238,8 +238,9 @@ def gelu_backward_sum_(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def depthwise_weight_grad(
     grad_out: torch.Tensor, x: torch.Tensor, kernel_size: tuple[int, int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad weight [C, 1, kh, kw], grad bias [C]) of a stride-1, same-padded depthwise conv of the fp32
-    channels-last image ``x``; use where :func:`applies` holds for ``x`` and ``x`` is fp32."""
+    """(grad weight [C, 1, kh, kw], grad bias [C], float32) of a stride-1, same-padded depthwise conv of the
+    channels-last image ``x`` (fp32, or bf16 with a bf16 ``grad_out``); use where :func:`applies` holds for
+    ``x``."""
     kh, kw = kernel_size
     hwc = [t.permute(0, 2, 3, 1).contiguous() for t in (grad_out, x)]  # views for channels-last images
     return torch.ops.stl_cpu.depthwise_weight_grad(*hwc, kh, kw)

@@ -451,6 +451,20 @@ class DWConv(nn.Module):
         return _image_to_tokens(x)
 
 
+def _depthwise_backward(
+    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: tuple, kernels: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias) of a FAN MLP's depthwise conv (``conv``: the convolution's arguments after
+    the bias). With the CPU kernels, oneDNN computes the input gradient alone and the kernels the weight and
+    bias gradients: ~1.5 ms instead of oneDNN's 2.5-3 ms for all three at [16, 768, 14, 14] in a training step.
+    """
+    if not kernels or weight.shape[-2] % 2 == 0 or weight.shape[-1] % 2 == 0:  # the kernels: same-padded only
+        return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], *conv, [True, True, True])
+    grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *conv, [True, False, False])[0]
+    grad_w, grad_b = cpu_kernels.depthwise_weight_grad(grad, x, weight.shape[-2:])
+    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
+
+
 class _FanMlpFunction(torch.autograd.Function):
     """FanMlp's fc1 -> depthwise conv -> GELU -> BatchNorm -> depthwise conv (scaled) [+ residual] -> fc2.
 
@@ -509,9 +523,7 @@ class _FanMlpFunction(torch.autograd.Function):
         grad_b2 = g.sum(0)
         grad_s = torch.mm(g, w2, out=s)  # fc2's input is no longer needed
         grad_s_img = grad_s.view(B, H, W, hidden).permute(0, 3, 1, 2)
-        grad_bn_out, grad_c2w, grad_c2b = torch.ops.aten.convolution_backward(
-            grad_s_img, bn_out, c2w, [hidden], *conv, [True, True, True]
-        )
+        grad_bn_out, grad_c2w, grad_c2b = _depthwise_backward(grad_s_img, bn_out, c2w, conv, kernels)
         if kernels:  # BatchNorm and GELU backward in two passes
             rows = B * N, hidden
             grad_c1_rows, grad_bn_w, grad_bn_b = cpu_kernels.bn_train_backward(
@@ -529,9 +541,7 @@ class _FanMlpFunction(torch.autograd.Function):
             grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)
             del grad_act
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)
-        grad_h_img, grad_c1w, grad_c1b = torch.ops.aten.convolution_backward(
-            grad_c1, h_img, c1w, [hidden], *conv, [True, True, True]
-        )
+        grad_h_img, grad_c1w, grad_c1b = _depthwise_backward(grad_c1, h_img, c1w, conv, kernels)
         grad_h = grad_h_img.permute(0, 2, 3, 1).reshape(B * N, hidden)
         if residual:
             grad_h = grad_s.add_(grad_h)

@@ -139,15 +139,18 @@ def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gel
     torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * act.var(0), rtol=1e-5, atol=1e-7)
 
 
-# 40 channels: two vectors and a tail; images narrower and shorter than the kernel; non-square kernels
+# 40 channels: two vectors and a tail; images narrower and shorter than the kernel; non-square kernels;
+# the FAN MLPs' 3x3
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("shape", "kernel"), [((2, 40, 9, 7), (7, 7)), ((3, 16, 2, 3), (7, 7)),
-                                               ((2, 24, 6, 5), (5, 3)), ((1, 70, 4, 4), (1, 1))])
-def test_depthwise_weight_grad_matches_float64(kernels: None, shape: tuple[int, ...],
-                                               kernel: tuple[int, int]) -> None:
-    """The ConvNeXt stem's depthwise weight and bias gradients (stride 1, same padding) as oneDNN's in
-    float64, to fp32 rounding."""
+                                               ((2, 24, 6, 5), (5, 3)), ((1, 70, 4, 4), (1, 1)),
+                                               ((3, 48, 5, 6), (3, 3))])
+def test_depthwise_weight_grad_matches_float64(kernels: None, shape: tuple[int, ...], kernel: tuple[int, int],
+                                               dtype: torch.dtype) -> None:
+    """Depthwise weight and bias gradients (stride 1, same padding) as oneDNN's in float64, to fp32 rounding;
+    bf16 images are summed in fp32 (against float64 of the same bf16 values)."""
     torch.manual_seed(0)
-    x, grad = _channels_last(*shape, offset=1.0), _channels_last(*shape)
+    x, grad = (t.to(dtype) for t in (_channels_last(*shape, offset=1.0), _channels_last(*shape)))
     C, (kh, kw) = shape[1], kernel
     weight = torch.randn(C, 1, kh, kw)
     got_w, got_b = cpu_kernels.depthwise_weight_grad(grad, x, kernel)
@@ -214,8 +217,10 @@ def test_depthwise_weight_grad_names_wrong_arguments(kernels: None) -> None:
     with pytest.raises(RuntimeError, match="the kernel must have odd sides, got 6x7"):
         torch.ops.stl_cpu.depthwise_weight_grad(x, x, 6, 7)
     with pytest.raises(RuntimeError,
-                       match=r"x must be a contiguous float32 \[B, H, W, C\] CPU tensor, got BF"):
+                       match=r"grad must be a contiguous \[B, H, W, C\] CPU tensor of x's dtype, got Float"):
         torch.ops.stl_cpu.depthwise_weight_grad(x, x.bfloat16(), 7, 7)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Half"):
+        torch.ops.stl_cpu.depthwise_weight_grad(x.half(), x.half(), 7, 7)
     with pytest.raises(RuntimeError, match=r"grad \[2, 4, 4, 4\] and x \[2, 4, 4, 8\] differ"):
         torch.ops.stl_cpu.depthwise_weight_grad(x[..., :4].contiguous(), x, 7, 7)
 
@@ -334,7 +339,7 @@ def test_fan_mlp_with_kernels_is_as_accurate_as_torch(kernels: None, kernel_call
                 assert err <= 8 * torch_err + 1e-7 * float(w_.abs().max()), (step, name, err, torch_err)
         for name, buf in plain.named_buffers():
             torch.testing.assert_close(dict(fused.named_buffers())[name], buf, msg=name)
-    assert kernel_calls == [True, True]
+    assert kernel_calls == [True, "depthwise3x3", "depthwise3x3"] * 2
 
 
 def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -347,7 +352,7 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each BatchNorm the kernels run (its gelu_input flag), each depthwise weight gradient
-    ("depthwise") and each GELU backward with its bias sum ("gelu")."""
+    ("depthwise7x7", with its kernel size) and each GELU backward with its bias sum ("gelu")."""
     calls: list[bool | str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
     gelu_backward = cpu_kernels.gelu_backward_sum_
@@ -356,9 +361,9 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         calls.append(bool(kwargs.get("gelu_input")))
         return forward(*args, **kwargs)
 
-    def counted_depthwise(*args, **kwargs):
-        calls.append("depthwise")
-        return depthwise(*args, **kwargs)
+    def counted_depthwise(grad_out, x, kernel_size):
+        calls.append("depthwise{}x{}".format(*kernel_size))
+        return depthwise(grad_out, x, kernel_size)
 
     def counted_gelu(*args, **kwargs):
         calls.append("gelu")
@@ -383,13 +388,14 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     cpu_kernels._set(True)
     out_f, grads_f = _model_step(fused, x, y)
     blocks = len(plain.blocks)
-    # every FAN block's MLP (GELU -> BatchNorm); FAN-ViT's stem too (four BatchNorms, three GELUs after); the
-    # hybrid's ConvNeXt blocks' 7x7 depthwise convs
+    # every FAN block's MLP (GELU -> BatchNorm, two 3x3 depthwise convs); FAN-ViT's stem too (four BatchNorms,
+    # three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count(True) == blocks
+    assert kernel_calls.count("depthwise3x3") == 2 * blocks
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
-    assert kernel_calls.count("depthwise") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
+    assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
-    assert kernel_calls.count("gelu") == len(plain.cls_attn_blocks) + kernel_calls.count("depthwise")
+    assert kernel_calls.count("gelu") == len(plain.cls_attn_blocks) + kernel_calls.count("depthwise7x7")
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     assert grads_f.keys() == grads_p.keys()
     scale = max(g.abs().max() for g in grads_p.values())
@@ -419,6 +425,7 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
         cpu_kernels._set(True)
         out_f, grads_f = _model_step(fused, x, y)
     assert kernel_calls.count(True) == len(plain.blocks)
+    assert kernel_calls.count("depthwise3x3") == 2 * len(plain.blocks)  # on bf16 images
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
@@ -472,7 +479,7 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     kernel_calls.clear()
     mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
     mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()
-    assert kernel_calls == [True]
+    assert kernel_calls == [True, "depthwise3x3", "depthwise3x3"]
 
 
 def test_a_failed_build_warns_and_keeps_torch_ops(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,14 +252,6 @@ std::vector<double> gelu_backward_rows(const T* pg, T* px, int64_t M, int64_t C)
   return sums;
 }
 
-// Calls f(T{}) with T the element type of x: float or BFloat16.
-template <typename F>
-auto dispatch(const at::Tensor& x, const char* op, const F& f) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
-  return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
-}
-
 std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool gelu_input) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_stats: x must be [M, C] with M > 0, got ", x.sizes());
   const int64_t M = x.size(0), C = x.size(1);

@@ -49,6 +49,14 @@ STL_INLINE Vec round_to(const Vec& v) {
   else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
 }
 
+// Calls f(T{}) with T the element type of x: float or BFloat16.
+template <typename F>
+auto dispatch(const at::Tensor& x, const char* op, const F& f) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
+              ": x must be float32 or bfloat16, got ", x.scalar_type());
+  return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
+}
+
 // A float32 [n] tensor of double values.
 inline at::Tensor channel_vector(const std::vector<double>& v) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);

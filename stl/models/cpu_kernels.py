@@ -6,10 +6,12 @@
 
 They serve eager training on the CPU: BatchNorm in training mode over channels-last activations, fused
 with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem), in fp32 or, under bf16 autocast,
-on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do); and the weight and bias
-gradients of the ConvNeXt stem's 7x7 depthwise convs (fp32, as they run under autocast too). Elsewhere
-(eval mode, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match
-torch's to float rounding, so the switch is off by default, like ``fused=True`` AdamW.
+on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do); the weight and bias
+gradients of depthwise convs (the FAN MLPs' 3x3, the ConvNeXt stem's 7x7); the GELU backward of fc1 -> GELU
+-> fc2 MLPs with fc1's bias gradient; and FAN's channel gate (two softmaxes over the tokens, a per-head mean
+and a weighted sum, forward and backward). Elsewhere (inference, CUDA, ``torch.compile``,
+``fused_backward(False)``) the models keep torch's ops. Results match torch's to float rounding, so the switch
+is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~10 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
@@ -32,14 +34,14 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-__all__ = ["batch_norm_act", "cpu_kernels_enabled", "depthwise_weight_grad", "keeps_cpu_kernels_setting",
-           "use_cpu_kernels"]
+__all__ = ["batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
+           "keeps_cpu_kernels_setting", "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "bn_gelu.cpp", _CSRC / "depthwise.cpp")
+_SOURCES = (_CSRC / "bn_gelu.cpp", _CSRC / "channel_gate.cpp", _CSRC / "depthwise.cpp")
 _HEADERS = (_CSRC / "vec_rows.h",)
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
@@ -244,6 +246,44 @@ def depthwise_weight_grad(
     kh, kw = kernel_size
     hwc = [t.permute(0, 2, 3, 1).contiguous() for t in (grad_out, x)]  # views for channels-last images
     return torch.ops.stl_cpu.depthwise_weight_grad(*hwc, kh, kw)
+
+
+def applies_to_tokens(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels serve an op over the [B, N, C] token tensors: switched on, each a contiguous fp32 or
+    bf16 CPU tensor with tokens, all of one shape."""
+    shape = tensors[0].shape
+    return all(_serves(t) and t.dim() == 3 and t.shape == shape and t.is_contiguous() for t in tensors) and (
+        shape[1] > 0
+    )
+
+
+class _ChannelGate(torch.autograd.Function):
+    """FAN's channel gate before its sigmoid (see :func:`channel_gate`); saves its inputs and small statistics,
+    the softmaxes are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, q, x, heads):  # type: ignore[override]
+        gate, k, stats = torch.ops.stl_cpu.channel_gate(q, x, heads)
+        ctx.save_for_backward(q, x, gate, k, stats)
+        ctx.heads = heads
+        return gate.to(torch.promote_types(q.dtype, x.dtype))  # the dtype of torch's ops on q and x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gate):  # type: ignore[override]
+        q, x, gate, k, stats = ctx.saved_tensors
+        grad_q, grad_x = torch.ops.stl_cpu.channel_gate_backward(
+            grad_gate.float().contiguous(), q, x, gate, k, stats, ctx.heads
+        )
+        return grad_q, grad_x, None
+
+
+def channel_gate(q: torch.Tensor, x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``sum_n softmax_n(q) * mean_head(softmax_n(x))`` of the [B, N, C] tokens (FAN's channel gate before its
+    sigmoid), [B, C]: computed in fp32, one image at a time with the softmaxes recomputed in backward, in the
+    dtype torch's ops would give (fp32 unless both are bf16); use where :func:`applies_to_tokens` holds for
+    ``q`` and ``x``."""
+    return _ChannelGate.apply(q, x, heads)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

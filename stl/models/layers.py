@@ -738,9 +738,13 @@ class ChannelProcessing(nn.Module):
         """The per-channel gate [B, 1, C] (exposed for visualisation of the channel attention)."""
         B, N, C = x.shape
         h = self.num_heads
-        q = self.q(x).softmax(dim=1).view(B, N, h, C // h)
-        k = x.softmax(dim=1).view(B, N, h, C // h).mean(dim=-1, keepdim=True)  # [B, N, h, 1]
-        gate = (q * k).sum(dim=1).sigmoid()  # [B, h, d]
+        q = self.q(x)
+        if cpu_kernels.applies_to_tokens(q, x) and _records_eager_backward(q, x):
+            gate = cpu_kernels.channel_gate(q, x, h).view(B, h, C // h).sigmoid()
+        else:
+            q = q.softmax(dim=1).view(B, N, h, C // h)
+            k = x.softmax(dim=1).view(B, N, h, C // h).mean(dim=-1, keepdim=True)  # [B, N, h, 1]
+            gate = (q * k).sum(dim=1).sigmoid()  # [B, h, d]
         gate = gate * self.temperature.view(1, h, 1)
         return self.attn_drop(gate).reshape(B, 1, C)
 

@@ -225,6 +225,86 @@ def test_depthwise_weight_grad_names_wrong_arguments(kernels: None) -> None:
         torch.ops.stl_cpu.depthwise_weight_grad(x[..., :4].contiguous(), x, 7, 7)
 
 
+def _torch_channel_gate(q: torch.Tensor, x: torch.Tensor, heads: int) -> torch.Tensor:
+    B, N, C = q.shape
+    q = q.softmax(dim=1).view(B, N, heads, C // heads)
+    k = x.softmax(dim=1).view(B, N, heads, C // heads).mean(dim=-1, keepdim=True)
+    return (q * k).sum(dim=1).reshape(B, C)
+
+
+# ViT-T's 4 heads of 48; heads of 20 (a vector and a tail) and of 3 channels; one token; 197 tokens
+@pytest.mark.parametrize(("B", "N", "C", "heads"), [(2, 196, 192, 4), (3, 7, 40, 2), (2, 5, 12, 4), (2, 1, 16, 2),
+                                                    (1, 197, 48, 1)])
+@pytest.mark.parametrize(("q_dtype", "x_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_channel_gate_matches_float64(kernels: None, B: int, N: int, C: int, heads: int, q_dtype: torch.dtype,
+                                      x_dtype: torch.dtype) -> None:
+    """FAN's channel gate and its gradients against float64 of the same inputs: fp32 to fp32 rounding; with bf16
+    inputs (as under autocast) as accurate as torch's ops on them (which round the softmaxes to bf16)."""
+    torch.manual_seed(N + C)
+    q0, x0 = torch.randn(B, N, C) * 4, torch.randn(B, N, C) * 2  # peaked softmaxes over the tokens
+    q, x = q0.to(q_dtype).requires_grad_(), x0.to(x_dtype).requires_grad_()
+    grad = torch.randn(B, C)
+    gate = cpu_kernels.channel_gate(q, x, heads)
+    gate.backward(grad)
+    gate = gate.detach()
+    assert gate.dtype == torch.promote_types(q_dtype, x_dtype) and gate.shape == (B, C)
+    assert q.grad.dtype == q_dtype and x.grad.dtype == x_dtype
+    exact_q, exact_x = (t.detach().double().requires_grad_() for t in (q, x))
+    exact = _torch_channel_gate(exact_q, exact_x, heads)
+    exact.backward(grad.double())
+    exact = exact.detach()
+    if q_dtype == x_dtype == torch.float32:
+        for got, want in ((gate, exact), (q.grad, exact_q.grad), (x.grad, exact_x.grad)):
+            torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-6 * float(want.abs().max()))
+        return
+    torch_q, torch_x = (t.detach().clone().requires_grad_() for t in (q, x))
+    theirs = _torch_channel_gate(torch_q, torch_x, heads)
+    theirs.float().backward(grad)
+    for got, torch_got, want in ((gate, theirs.detach(), exact), (q.grad, torch_q.grad, exact_q.grad),
+                                 (x.grad, torch_x.grad, exact_x.grad)):
+        # (one token: the gradients are 0, and so are ours)
+        scale = want.abs().max().clamp_min(1e-12)
+        err, torch_err = (float((v.double() - want).abs().max() / scale) for v in (got, torch_got))
+        assert err <= 1.5 * torch_err + 1e-6, (err, torch_err)
+
+
+def test_channel_gate_does_not_depend_on_the_thread_count(kernels: None) -> None:
+    q, x, grad = torch.randn(5, 50, 24), torch.randn(5, 50, 24), torch.randn(5, 24)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            q_, x_ = q.clone().requires_grad_(), x.clone().requires_grad_()
+            gate = cpu_kernels.channel_gate(q_, x_, 3)
+            gate.backward(grad)
+            results.append((gate, q_.grad, x_.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_channel_gate_names_wrong_arguments(kernels: None) -> None:
+    q = torch.randn(2, 5, 12)
+    with pytest.raises(RuntimeError, match="12 channels do not split into 5 heads"):
+        torch.ops.stl_cpu.channel_gate(q, q, 5)
+    with pytest.raises(RuntimeError, match=r"x must be a contiguous \[2, 5, 12\] CPU tensor, got \[2, 5, 8\]"):
+        torch.ops.stl_cpu.channel_gate(q, q[..., :8].contiguous(), 4)
+    with pytest.raises(RuntimeError, match=r"q must be \[B, N, C\] with N > 0, got \[2, 0, 12\]"):
+        torch.ops.stl_cpu.channel_gate(q[:, :0], q[:, :0], 4)
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16, got Half"):
+        torch.ops.stl_cpu.channel_gate(q, q.half(), 4)
+    gate, k, stats = torch.ops.stl_cpu.channel_gate(q, q, 4)
+    with pytest.raises(RuntimeError, match=r"stats must be a contiguous float32 \[2, 4, 12\] CPU tensor"):
+        torch.ops.stl_cpu.channel_gate_backward(gate, q, q, gate, k, stats[:, :2].contiguous(), 4)
+    assert not cpu_kernels.applies_to_tokens(q, q[:, :4])  # shapes differ
+    assert not cpu_kernels.applies_to_tokens(q, q.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not cpu_kernels.applies_to_tokens(q[:, :0], q[:, :0])
+    assert cpu_kernels.applies_to_tokens(q.bfloat16(), q)
+
+
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
     """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
     bn, ref_bn = _bn(8), _bn(8)
@@ -352,10 +432,11 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Records each BatchNorm the kernels run (its gelu_input flag), each depthwise weight gradient
-    ("depthwise7x7", with its kernel size) and each GELU backward with its bias sum ("gelu")."""
+    ("depthwise7x7", with its kernel size), each GELU backward with its bias sum ("gelu") and each channel
+    gate ("gate")."""
     calls: list[bool | str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
-    gelu_backward = cpu_kernels.gelu_backward_sum_
+    gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
 
     def counted(*args, **kwargs):
         calls.append(bool(kwargs.get("gelu_input")))
@@ -371,7 +452,12 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
     monkeypatch.setattr(cpu_kernels, "depthwise_weight_grad", counted_depthwise)
+    def counted_gate(*args, **kwargs):
+        calls.append("gate")
+        return gate(*args, **kwargs)
+
     monkeypatch.setattr(cpu_kernels, "gelu_backward_sum_", counted_gelu)
+    monkeypatch.setattr(cpu_kernels, "channel_gate", counted_gate)
     return calls
 
 
@@ -388,9 +474,9 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     cpu_kernels._set(True)
     out_f, grads_f = _model_step(fused, x, y)
     blocks = len(plain.blocks)
-    # every FAN block's MLP (GELU -> BatchNorm, two 3x3 depthwise convs); FAN-ViT's stem too (four BatchNorms,
-    # three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
-    assert kernel_calls.count(True) == blocks
+    # every FAN block's channel gate and MLP (GELU -> BatchNorm, two 3x3 depthwise convs); FAN-ViT's stem too
+    # (four BatchNorms, three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
+    assert kernel_calls.count(True) == kernel_calls.count("gate") == blocks
     assert kernel_calls.count("depthwise3x3") == 2 * blocks
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
@@ -424,7 +510,7 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
         assert kernel_calls == []
         cpu_kernels._set(True)
         out_f, grads_f = _model_step(fused, x, y)
-    assert kernel_calls.count(True) == len(plain.blocks)
+    assert kernel_calls.count(True) == kernel_calls.count("gate") == len(plain.blocks)
     assert kernel_calls.count("depthwise3x3") == 2 * len(plain.blocks)  # on bf16 images
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
@@ -471,11 +557,14 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
         _model_step(model, x, y)
     with torch.no_grad():  # inference in training mode
         model(x)
-    model.eval()(x)
     assert kernel_calls == []
-    # a model cast to bf16: no BatchNorm kernels (bf16 parameters); the class-attention MLPs' GELU backward
+    model.eval()(x)  # eval mode recording autograd: the channel gates (no BatchNorm in training mode)
+    assert kernel_calls == ["gate"] * len(model.blocks)
+    kernel_calls.clear()
+    # a model cast to bf16: no BatchNorm kernels (bf16 parameters); the channel gates (in bf16, as torch's ops
+    # give them) and the class-attention MLPs' GELU backward
     _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)
-    assert kernel_calls == ["gelu"] * len(model.cls_attn_blocks)
+    assert kernel_calls == ["gate"] * len(model.blocks) + ["gelu"] * len(model.cls_attn_blocks)
     kernel_calls.clear()
     mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
     mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()

@@ -62,14 +62,6 @@ STL_INLINE Vec gelu_grad(const Vec& z) {
   return slope;
 }
 
-// Calls f(c, n) for channel offsets c in vector steps; n < kV only for the tail.
-template <typename F>
-STL_INLINE void for_channels(int64_t C, const F& f) {
-  int64_t c = 0;
-  for (; c + kV <= C; c += kV) f(c, kV);
-  if (c < C) f(c, C - c);
-}
-
 // Calls f(r) for rows r0 <= r < r1, four independent rows per step (the GELU chains are long: this lets the
 // CPU overlap them).
 template <typename F>

@@ -49,6 +49,14 @@ STL_INLINE Vec round_to(const Vec& v) {
   else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
 }
 
+// Calls f(c, n) for channel offsets c in vector steps; n < kV only for the tail.
+template <typename F>
+STL_INLINE void for_channels(int64_t C, const F& f) {
+  int64_t c = 0;
+  for (; c + kV <= C; c += kV) f(c, kV);
+  if (c < C) f(c, C - c);
+}
+
 // Calls f(T{}) with T the element type of x: float or BFloat16.
 template <typename F>
 auto dispatch(const at::Tensor& x, const char* op, const F& f) {

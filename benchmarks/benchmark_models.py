@@ -38,8 +38,9 @@ The reference has no ``*_token`` models; those are measured for ours only.
 ``--fused-adamw`` adds rows ``ours+fused-adamw``: our model with ``torch.optim.AdamW(fused=True)``, what
 ``train.fused_optimizer: true`` uses. ``--cpu-kernels`` adds rows ``ours+cpu-kernels``: our model with
 ``stl.models.use_cpu_kernels(True)`` (the CPU kernels of ``train.cpu_kernels: true``; they serve training, so
-its eval figures measure the same code as ``ours``). The ``ours``, ``ours+cpu-kernels`` and ``reference`` rows
-keep the loop AdamW, so they compare the models alone.
+its eval figures measure the same code as ``ours``). With both flags, rows ``ours+cpu-kernels+fused-adamw`` have
+both options on. The ``ours``, ``ours+cpu-kernels`` and ``reference`` rows keep the loop AdamW, so they compare
+the models alone.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from typing import Any
 
 DEFAULT_MODELS = ("fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid")
 OURS, REFERENCE, OURS_FUSED, OURS_KERNELS = "ours", "reference", "ours+fused-adamw", "ours+cpu-kernels"
+OURS_ALL = "ours+cpu-kernels+fused-adamw"  # both options on: what a user who asks for speed on a CPU runs
 _REF_PACKAGE = "_fan_reference"
 
 
@@ -117,7 +119,7 @@ def run_worker(cfg: dict[str, Any]) -> None:
 
         import stl.models  # registers the FAN names
 
-        if cfg["impl"] == OURS_KERNELS and not stl.models.use_cpu_kernels(True):
+        if cfg["impl"] in (OURS_KERNELS, OURS_ALL) and not stl.models.use_cpu_kernels(True):
             raise SystemExit("--cpu-kernels: the kernels could not be built (see the warning above)")
         model = timm.create_model(cfg["model"], num_classes=1000, img_size=cfg["img_size"])
     params = sum(p.numel() for p in model.parameters())
@@ -126,7 +128,7 @@ def run_worker(cfg: dict[str, Any]) -> None:
     batch, size = cfg["batch_size"], cfg["img_size"]
     x = torch.randn(batch, 3, size, size)
     y = torch.randint(0, 1000, (batch,))
-    fused = cfg["impl"] == OURS_FUSED
+    fused = cfg["impl"] in (OURS_FUSED, OURS_ALL)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05, fused=fused)
 
     def eval_step() -> None:
@@ -235,7 +237,7 @@ def format_table(model: str, results: dict[tuple[str, str], dict[str, Any]], mod
     header.append("peak RSS (GB)")
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join("---" for _ in header) + "|")
-    for impl in (REFERENCE, OURS, OURS_KERNELS, OURS_FUSED):
+    for impl in (REFERENCE, OURS, OURS_KERNELS, OURS_FUSED, OURS_ALL):
         for mode in modes:
             r = results.get((impl, mode))
             if r is None:
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
 
     for model in args.models:
         impls = [OURS] + [OURS_KERNELS] * args.cpu_kernels + [OURS_FUSED] * args.fused_adamw
+        impls += [OURS_ALL] * (args.cpu_kernels and args.fused_adamw)
         if args.reference is not None and not is_token_model(model):
             impls.insert(0, REFERENCE)
         keys = [(impl, mode) for mode in args.modes for impl in impls]

@@ -20,7 +20,8 @@ def test_benchmark_prints_a_row_per_impl_and_mode() -> None:
            "--warmup", "0", "--fused-adamw", *(["--cpu-kernels"] if kernels else [])]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True).stdout
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ours")]
-    impls = ["ours", *(["ours+cpu-kernels"] if kernels else []), "ours+fused-adamw"]
+    impls = ["ours", *(["ours+cpu-kernels"] if kernels else []), "ours+fused-adamw",
+             *(["ours+cpu-kernels+fused-adamw"] if kernels else [])]
     assert [(r[0].strip(), r[1].strip()) for r in rows] == [
         (impl, mode) for impl in impls for mode in ("fp32", "bf16")
     ], out

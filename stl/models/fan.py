@@ -161,9 +161,16 @@ class FAN(nn.Module):
 
         trunc_normal_(self.cls_token, std=0.02)
         self.apply(init_fan_weights)
+        self.head_init_scale = head_init_scale
+        self._scale_head()
+
+    def _scale_head(self) -> None:
+        """The published initialisation: the cls head's weights shrunk by ``head_init_scale`` (0.001 for the
+        large hybrids), at construction and for every new head."""
         if isinstance(self.head, nn.Linear):
-            self.head.weight.data.mul_(head_init_scale)
-            self.head.bias.data.mul_(head_init_scale)
+            with torch.no_grad():
+                self.head.weight.mul_(self.head_init_scale)
+                self.head.bias.mul_(self.head_init_scale)
 
     # timm conventions -------------------------------------------------------------------------------------
 
@@ -200,6 +207,7 @@ class FAN(nn.Module):
         where = dict(device=self.cls_token.device, dtype=self.cls_token.dtype)
         self.head = nn.Linear(self.num_features, num_classes, **where) if num_classes > 0 else nn.Identity()
         init_fan_weights(self.head)
+        self._scale_head()
         if self.return_dense:
             self.aux_head = (
                 nn.Linear(self.num_features, num_classes, **where) if num_classes > 0 else nn.Identity()

@@ -165,8 +165,8 @@ class FAN(nn.Module):
         self._scale_head()
 
     def _scale_head(self) -> None:
-        """The published initialisation: the cls head's weights shrunk by ``head_init_scale`` (0.001 for the
-        large hybrids), at construction and for every new head."""
+        """The published initialisation: the cls head's weights shrunk by ``head_init_scale`` (0.001 for
+        ``fan_large_16_p4_hybrid``), at construction and for every new head."""
         if isinstance(self.head, nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(self.head_init_scale)

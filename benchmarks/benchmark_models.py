@@ -38,9 +38,9 @@ The reference has no ``*_token`` models; those are measured for ours only.
 ``--fused-adamw`` adds rows ``ours+fused-adamw``: our model with ``torch.optim.AdamW(fused=True)``, what
 ``train.fused_optimizer: true`` uses. ``--cpu-kernels`` adds rows ``ours+cpu-kernels``: our model with
 ``stl.models.use_cpu_kernels(True)`` (the CPU kernels of ``train.cpu_kernels: true``; they serve training, so
-its eval figures measure the same code as ``ours``). With both flags, rows ``ours+cpu-kernels+fused-adamw`` have
-both options on. The ``ours``, ``ours+cpu-kernels`` and ``reference`` rows keep the loop AdamW, so they compare
-the models alone.
+its eval figures measure the same code as ``ours``). With both flags, rows ``ours+cpu-kernels+fused-adamw``
+have both options on. The ``ours``, ``ours+cpu-kernels`` and ``reference`` rows keep the loop AdamW, so they
+compare the models alone.
 """
 
 from __future__ import annotations

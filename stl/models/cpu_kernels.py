@@ -249,17 +249,17 @@ def depthwise_weight_grad(
 
 
 def applies_to_tokens(*tensors: torch.Tensor) -> bool:
-    """Whether the kernels serve an op over the [B, N, C] token tensors: switched on, each a contiguous fp32 or
-    bf16 CPU tensor with tokens, all of one shape."""
+    """Whether the kernels serve an op over the [B, N, C] token tensors: switched on, each a contiguous fp32
+    or bf16 CPU tensor with tokens, all of one shape."""
     shape = tensors[0].shape
-    return all(_serves(t) and t.dim() == 3 and t.shape == shape and t.is_contiguous() for t in tensors) and (
-        shape[1] > 0
+    return shape[1:2] != (0,) and all(
+        _serves(t) and t.dim() == 3 and t.shape == shape and t.is_contiguous() for t in tensors
     )
 
 
 class _ChannelGate(torch.autograd.Function):
-    """FAN's channel gate before its sigmoid (see :func:`channel_gate`); saves its inputs and small statistics,
-    the softmaxes are recomputed in backward."""
+    """FAN's channel gate before its sigmoid (see :func:`channel_gate`); saves its inputs and small
+    statistics, the softmaxes are recomputed in backward."""
 
     @staticmethod
     def forward(ctx, q, x, heads):  # type: ignore[override]

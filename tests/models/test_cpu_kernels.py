@@ -233,14 +233,15 @@ def _torch_channel_gate(q: torch.Tensor, x: torch.Tensor, heads: int) -> torch.T
 
 
 # ViT-T's 4 heads of 48; heads of 20 (a vector and a tail) and of 3 channels; one token; 197 tokens
-@pytest.mark.parametrize(("B", "N", "C", "heads"), [(2, 196, 192, 4), (3, 7, 40, 2), (2, 5, 12, 4), (2, 1, 16, 2),
-                                                    (1, 197, 48, 1)])
-@pytest.mark.parametrize(("q_dtype", "x_dtype"), [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+@pytest.mark.parametrize(("B", "N", "C", "heads"),
+                         [(2, 196, 192, 4), (3, 7, 40, 2), (2, 5, 12, 4), (2, 1, 16, 2), (1, 197, 48, 1)])
+@pytest.mark.parametrize(("q_dtype", "x_dtype"), [(torch.float32, torch.float32),
+                                                  (torch.bfloat16, torch.float32),
                                                   (torch.bfloat16, torch.bfloat16)])
 def test_channel_gate_matches_float64(kernels: None, B: int, N: int, C: int, heads: int, q_dtype: torch.dtype,
                                       x_dtype: torch.dtype) -> None:
-    """FAN's channel gate and its gradients against float64 of the same inputs: fp32 to fp32 rounding; with bf16
-    inputs (as under autocast) as accurate as torch's ops on them (which round the softmaxes to bf16)."""
+    """FAN's channel gate and its gradients against float64 of the same inputs: fp32 to fp32 rounding; with
+    bf16 inputs (as under autocast) as accurate as torch's ops on them (which round the softmaxes to bf16)."""
     torch.manual_seed(N + C)
     q0, x0 = torch.randn(B, N, C) * 4, torch.randn(B, N, C) * 2  # peaked softmaxes over the tokens
     q, x = q0.to(q_dtype).requires_grad_(), x0.to(x_dtype).requires_grad_()
@@ -290,7 +291,8 @@ def test_channel_gate_names_wrong_arguments(kernels: None) -> None:
     q = torch.randn(2, 5, 12)
     with pytest.raises(RuntimeError, match="12 channels do not split into 5 heads"):
         torch.ops.stl_cpu.channel_gate(q, q, 5)
-    with pytest.raises(RuntimeError, match=r"x must be a contiguous \[2, 5, 12\] CPU tensor, got \[2, 5, 8\]"):
+    with pytest.raises(RuntimeError,
+                       match=r"x must be a contiguous \[2, 5, 12\] CPU tensor, got \[2, 5, 8\]"):
         torch.ops.stl_cpu.channel_gate(q, q[..., :8].contiguous(), 4)
     with pytest.raises(RuntimeError, match=r"q must be \[B, N, C\] with N > 0, got \[2, 0, 12\]"):
         torch.ops.stl_cpu.channel_gate(q[:, :0], q[:, :0], 4)

@@ -220,7 +220,7 @@ def test_se_model_is_registered_and_works() -> None:
 
 
 def test_large_hybrid_head_init_scale() -> None:
-    """The large hybrid's head starts 1000x smaller than the others', and so does a new head for fine-tuning."""
+    """The large hybrid's head starts 1000x smaller than the others', and so does a new head (fine-tuning)."""
     torch.manual_seed(0)
     model = timm.create_model("fan_large_16_p4_hybrid", depth=1, num_classes=10)
     assert model.head.weight.abs().max() < 1e-3

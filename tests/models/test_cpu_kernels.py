@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from stl.models import cpu_kernels, fused_backward
 from stl.models.convnext_stem import ConvNeXtBlock
-from stl.models.layers import ConvPatchEmbed, FanMlp
+from stl.models.layers import ChannelProcessing, ConvPatchEmbed, FanMlp, GeluMlp
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the kernels cannot be built here")
@@ -492,6 +492,29 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
         torch.testing.assert_close(grads_f[n], g, rtol=0, atol=1e-4 * g.abs().max() + 1e-8 * scale, msg=n)
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fan_swin_trains_the_same_with_and_without_kernels(kernels: None, kernel_calls: list) -> None:
+    """FAN-Swin's channel processing (the gate over a stage's tokens, MLPs without the depthwise residual) and
+    GELU MLPs through the kernels: torch's outputs and gradients to float rounding."""
+    torch.manual_seed(0)
+    plain = timm.create_model("fan_swin_tiny_patch4_window7_224", num_classes=5, img_size=56,
+                              drop_path_rate=0.0).train()
+    fused = copy.deepcopy(plain)
+    x, y = torch.randn(2, 3, 56, 56), torch.tensor([0, 1])
+    cpu_kernels._set(False)
+    out_p, grads_p = _model_step(plain, x, y)
+    cpu_kernels._set(True)
+    out_f, grads_f = _model_step(fused, x, y)
+    gates = sum(isinstance(m, ChannelProcessing) for m in plain.modules())
+    gelu_mlps = sum(isinstance(m, GeluMlp) for m in plain.modules())
+    assert gates > 0 and gelu_mlps > 0
+    assert kernel_calls.count("gate") == kernel_calls.count(True) == gates
+    assert kernel_calls.count("depthwise3x3") == 2 * gates and kernel_calls.count("gelu") == gelu_mlps
+    torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
+    scale = max(g.abs().max() for g in grads_p.values())
+    for n, g in grads_p.items():
+        torch.testing.assert_close(grads_f[n], g, rtol=0, atol=1e-4 * g.abs().max() + 1e-8 * scale, msg=n)
 
 
 @pytest.mark.parametrize("name", ["fan_tiny_12_p16_224", "fan_tiny_8_p4_hybrid_token"])

@@ -113,7 +113,8 @@ def _fused_backward_enabled() -> bool:
 @contextlib.contextmanager
 def fused_backward(enabled: bool) -> Iterator[None]:
     """Switch the buffer-reusing autograd functions (the MLPs' fused backward, the 7x7 depthwise weight
-    gradient) on or off inside the block, in this thread; on by default.
+    gradient, and with ``cpu_kernels`` on, the kernels' functions: BatchNorm, channel gate) on or off inside
+    the block, in this thread; on by default.
 
     They make CPU training faster and leaner but run backward once per forward and only to first order. Turn
     them off for double backward, ``retain_graph=True`` with several backward calls, or ``torch.func``

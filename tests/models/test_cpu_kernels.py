@@ -10,7 +10,8 @@ import subprocess
 import sys
 import textwrap
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import pytest
 import timm
@@ -20,6 +21,8 @@ import torch.nn.functional as F
 from stl.models import cpu_kernels, fused_backward
 from stl.models.convnext_stem import ConvNeXtBlock
 from stl.models.layers import ChannelProcessing, ConvPatchEmbed, FanMlp, GeluMlp
+
+_T = TypeVar("_T")
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the kernels cannot be built here")
@@ -185,29 +188,27 @@ def test_gelu_backward_sum_matches_torch(kernels: None, dtype: torch.dtype, M: i
         cpu_kernels.gelu_backward_sum_(buffer, buffer)
 
 
-def test_gelu_backward_sum_does_not_depend_on_the_thread_count(kernels: None) -> None:
-    x, grad = torch.randn(1000, 40), torch.randn(1000, 40)
+def _on_one_and_two_threads(fn: Callable[[], _T]) -> tuple[_T, _T]:
+    """fn() with torch on one thread, then on two (the kernels' results must not depend on it)."""
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = cpu_kernels.gelu_backward_sum_(grad, x.clone())
+        one = fn()
         torch.set_num_threads(2)
-        two = cpu_kernels.gelu_backward_sum_(grad, x.clone())
+        return one, fn()
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gelu_backward_sum_does_not_depend_on_the_thread_count(kernels: None) -> None:
+    x, grad = torch.randn(1000, 40), torch.randn(1000, 40)
+    one, two = _on_one_and_two_threads(lambda: cpu_kernels.gelu_backward_sum_(grad, x.clone()))
     assert torch.equal(one, two)
 
 
 def test_depthwise_weight_grad_does_not_depend_on_the_thread_count(kernels: None) -> None:
     x, grad = _channels_last(5, 40, 12, 12), _channels_last(5, 40, 12, 12)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = cpu_kernels.depthwise_weight_grad(grad, x, (7, 7))
-        torch.set_num_threads(2)
-        two = cpu_kernels.depthwise_weight_grad(grad, x, (7, 7))
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _on_one_and_two_threads(lambda: cpu_kernels.depthwise_weight_grad(grad, x, (7, 7)))
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 
@@ -289,18 +290,14 @@ def test_channel_gate_on_bf16_is_the_fp32_kernel_rounded(kernels: None, q_dtype:
 
 def test_channel_gate_does_not_depend_on_the_thread_count(kernels: None) -> None:
     q, x, grad = torch.randn(5, 50, 24), torch.randn(5, 50, 24), torch.randn(5, 24)
-    threads = torch.get_num_threads()
-    results = []
-    try:
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            q_, x_ = q.clone().requires_grad_(), x.clone().requires_grad_()
-            gate = cpu_kernels.channel_gate(q_, x_, 3)
-            gate.backward(grad)
-            results.append((gate, q_.grad, x_.grad))
-    finally:
-        torch.set_num_threads(threads)
-    for a, b in zip(*results, strict=True):
+
+    def step() -> tuple[torch.Tensor, ...]:
+        q_, x_ = q.clone().requires_grad_(), x.clone().requires_grad_()
+        gate = cpu_kernels.channel_gate(q_, x_, 3)
+        gate.backward(grad)
+        return gate, q_.grad, x_.grad
+
+    for a, b in zip(*_on_one_and_two_threads(step), strict=True):
         assert torch.equal(a, b)
 
 
@@ -341,14 +338,7 @@ def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
 
 def test_statistics_do_not_depend_on_the_thread_count(kernels: None) -> None:
     x = _channels_last(8, 24, 20, 20).permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = torch.ops.stl_cpu.bn_stats(x, True)
-        torch.set_num_threads(2)
-        two = torch.ops.stl_cpu.bn_stats(x, True)
-    finally:
-        torch.set_num_threads(threads)
+    one, two = _on_one_and_two_threads(lambda: torch.ops.stl_cpu.bn_stats(x, True))
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 

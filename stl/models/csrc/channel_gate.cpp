@@ -52,14 +52,20 @@ STL_INLINE void softmax_row(const T* v, int64_t r, int64_t C, const float* m, co
   });
 }
 
+// Each of the H per-head values copied to the head's d channels of wide[H * d].
+STL_INLINE void spread(const float* heads, int64_t H, int64_t d, float* wide) {
+  for (int64_t j = 0; j < H; ++j)
+    for (int64_t i = 0; i < d; ++i) wide[j * d + i] = heads[j];
+}
+
 // The per-head means of row[C] into heads[H], and spread back to every channel of the head in wide[C].
 STL_INLINE void head_means(const float* row, int64_t H, int64_t d, float* heads, float* wide) {
   for (int64_t j = 0; j < H; ++j) {
     float s = 0.f;
     for (int64_t i = 0; i < d; ++i) s += row[j * d + i];
     heads[j] = s / static_cast<float>(d);
-    for (int64_t i = 0; i < d; ++i) wide[j * d + i] = heads[j];
   }
+  spread(heads, H, d, wide);
 }
 
 // One image: gate[C], k[N, H], stats [4, C] = (max q, sum exp q, max x, sum exp x).
@@ -97,8 +103,7 @@ void gate_image_backward(const float* grad_gate, const Q* q, const X* x, const f
   // over the head's channels of softmax(x); its softmax backward needs s = sum_n softmax(x) * that first.
   for (int64_t r = 0; r < N; ++r) {
     softmax_row(q, r, C, mq, rzq.data(), p.data());
-    for (int64_t j = 0; j < H; ++j)
-      for (int64_t i = 0; i < d; ++i) kw[j * d + i] = k[r * H + j];
+    spread(k + r * H, H, d, kw.data());
     for_channels(C, [&](int64_t c, int64_t n) {
       const Vec pg = load(p.data() + c, n) * load(grad_gate + c, n);
       store(pg * (load(kw.data() + c, n) - load(gate + c, n)), grad_q + r * C + c, n);
@@ -113,8 +118,7 @@ void gate_image_backward(const float* grad_gate, const Q* q, const X* x, const f
   }
   for (int64_t r = 0; r < N; ++r) {
     softmax_row(x, r, C, mx, rzx.data(), sx.data());
-    for (int64_t j = 0; j < H; ++j)
-      for (int64_t i = 0; i < d; ++i) dkw[j * d + i] = dk[r * H + j];
+    spread(dk.data() + r * H, H, d, dkw.data());
     for_channels(C, [&](int64_t c, int64_t n) {
       store(load(sx.data() + c, n) * (load(dkw.data() + c, n) - load(s.data() + c, n)), grad_x + r * C + c, n);
     });

@@ -4,12 +4,13 @@
     import stl.models
     stl.models.use_cpu_kernels(True)     # what `train.cpu_kernels: true` in params.yaml does
 
-They serve eager training on the CPU: BatchNorm in training mode over channels-last activations, fused
-with the GELU before it (the FAN MLP) or after it (the FAN-ViT conv stem), in fp32 or, under bf16 autocast,
-on bf16 activations (read and written in bf16, computed in fp32, as torch's ops do); the weight and bias
-gradients of depthwise convs (the FAN MLPs' 3x3, the ConvNeXt stem's 7x7); the GELU backward of fc1 -> GELU
--> fc2 MLPs with fc1's bias gradient; and FAN's channel gate (two softmaxes over the tokens, a per-head mean
-and a weighted sum, forward and backward). Elsewhere (inference, CUDA, ``torch.compile``,
+They serve eager training on the CPU, in fp32 or, under bf16 autocast, on bf16 activations (read and
+written in bf16, computed in fp32, as torch's ops do): the FAN MLP's depthwise block (3x3 depthwise conv,
+GELU, BatchNorm in training mode, 3x3 depthwise conv, residual) in two fused passes each way; BatchNorm in
+training mode over channels-last activations with the GELU after it (the FAN-ViT conv stem); the weight and
+bias gradients of the ConvNeXt stem's 7x7 depthwise convs; the GELU backward of fc1 -> GELU -> fc2 MLPs with
+fc1's bias gradient; and FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted
+sum, forward and backward). Elsewhere (inference, CUDA, ``torch.compile``,
 ``fused_backward(False)``) the models keep torch's ops. Results match torch's to float rounding, so the switch
 is off by default, like ``fused=True`` AdamW.
 
@@ -41,8 +42,8 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = (_CSRC / "bn_gelu.cpp", _CSRC / "channel_gate.cpp", _CSRC / "depthwise.cpp")
-_HEADERS = (_CSRC / "vec_rows.h",)
+_SOURCES = tuple(_CSRC / f for f in ("bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp", "fan_dwconv.cpp"))
+_HEADERS = (_CSRC / "vec_rows.h", _CSRC / "gelu.h")
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma",
@@ -201,14 +202,32 @@ def bn_train_forward(
     if rows < 2:  # as F.batch_norm: one value per channel gives no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got {rows} rows")
     mean, var = torch.ops.stl_cpu.bn_stats(x, gelu_input)
-    with torch.no_grad():
-        running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
-        running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * rows / (rows - 1))
-        invstd = (var + eps).rsqrt_()
-        scale = invstd * weight
-        shift = bias - mean * scale
-    y = torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_input, gelu_output)
-    return y, (mean, invstd, weight.detach(), scale, shift)
+    stats = _batch_statistics(mean, var, rows, weight, bias, running_mean, running_var, momentum, eps)
+    _, _, _, scale, shift = stats
+    return torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_input, gelu_output), stats
+
+
+@torch.no_grad()
+def _batch_statistics(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    rows: int,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    momentum: float,
+    eps: float,
+) -> tuple[torch.Tensor, ...]:
+    """A training BatchNorm's per-channel terms from the batch's mean and biased variance over ``rows``
+    values: updates the running statistics as ``F.batch_norm`` does and returns (mean, invstd, weight, scale,
+    shift), the BatchNorm being ``x * scale + shift``."""
+    running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
+    running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * rows / (rows - 1))
+    invstd = (var + eps).rsqrt_()
+    scale = invstd * weight
+    shift = bias - mean * scale
+    return mean, invstd, weight.detach(), scale, shift
 
 
 def bn_train_backward(
@@ -222,6 +241,54 @@ def bn_train_backward(
     mean, invstd, weight, scale, shift = stats
     return torch.ops.stl_cpu.bn_backward(
         grad.contiguous(), x, mean, invstd, weight, scale, shift, gelu_input, gelu_output
+    )
+
+
+def fan_dw_forward(
+    h: torch.Tensor,
+    conv1: tuple[torch.Tensor, torch.Tensor],
+    bn: tuple[torch.Tensor, ...],
+    momentum: float,
+    eps: float,
+    conv2: tuple[torch.Tensor, torch.Tensor],
+    residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The FAN MLP's depthwise block in training, ``conv2(BN(GELU(conv1(h)))) [+ h]``, in two fused passes.
+
+    ``h``: the [B, H, W, C] view of a channels-last image (fp32, or bf16 under autocast); ``conv1``,
+    ``conv2``: (weight [C, 1, 3, 3], bias) of stride-1, same-padded depthwise convs (any float dtype, used
+    as fp32); ``bn``: (weight, bias, running_mean, running_var), fp32, the running statistics updated as
+    ``F.batch_norm`` does. Returns ``(s, c1, stats)``: the output in ``h``'s dtype, and what
+    :func:`fan_dw_backward_` takes (conv1's output and the BatchNorm's terms); BN(GELU(c1)) is not stored.
+    """
+    (w1, b1), (w2, b2) = conv1, conv2
+    B, H, W, _ = h.shape
+    if B * H * W < 2:  # as F.batch_norm: one value per channel gives no variance
+        raise ValueError(f"Expected more than 1 value per channel when training, got {B * H * W} values")
+    c1, mean, var = torch.ops.stl_cpu.fan_dw_forward_stats(h, w1.float(), b1.float())
+    stats = _batch_statistics(mean, var, B * H * W, *bn, momentum, eps)
+    _, _, _, scale, shift = stats
+    residual_input = h if residual else None
+    s = torch.ops.stl_cpu.fan_dw_forward_apply(c1, scale, shift, w2.float(), b2.float(), residual_input)
+    return s, c1, stats
+
+
+def fan_dw_backward_(
+    grad: torch.Tensor,
+    c1: torch.Tensor,
+    h: torch.Tensor,
+    stats: tuple[torch.Tensor, ...],
+    weights: tuple[torch.Tensor, torch.Tensor],
+    residual: bool,
+) -> tuple[torch.Tensor, ...]:
+    """Gradients of :func:`fan_dw_forward` given ``grad`` = dL/ds ([B, H, W, C], contiguous), which is
+    overwritten with dL/dh. ``weights``: (conv1's, conv2's). Returns (conv1 weight, conv1 bias, BN weight, BN
+    bias, conv2 weight, conv2 bias, the column sums of dL/dh: the gradient of a bias added to ``h``), float32.
+    """
+    mean, invstd, weight, scale, shift = stats
+    w1, w2 = weights
+    return torch.ops.stl_cpu.fan_dw_backward_(
+        grad, c1, h, mean, invstd, weight, scale, shift, w1.float(), w2.float(), residual
     )
 
 

@@ -452,32 +452,15 @@ class DWConv(nn.Module):
         return _image_to_tokens(x)
 
 
-def _depthwise_backward(
-    grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, conv: tuple, kernels: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad x, grad weight, grad bias) of a FAN MLP's depthwise conv (``conv``: the convolution's arguments
-    after the bias). With the CPU kernels, oneDNN computes the input gradient alone and the kernels the weight
-    and bias gradients: in a training step at [16, 768, 14, 14], 2.4 ms instead of 2.7 (bf16) to 4.0 ms (fp32)
-    for oneDNN's one call computing all three (profiler).
-    """
-    same_padded = weight.shape[-2] % 2 == 1 and weight.shape[-1] % 2 == 1  # what the kernels compute
-    if not (kernels and same_padded):
-        mask = [True, True, True]
-        return torch.ops.aten.convolution_backward(grad, x, weight, [weight.shape[0]], *conv, mask)
-    grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, *conv, [True, False, False])[0]
-    grad_w, grad_b = cpu_kernels.depthwise_weight_grad(grad, x, weight.shape[-2:])
-    return grad_x, grad_w.to(weight.dtype), grad_b.to(weight.dtype)
-
-
 class _FanMlpFunction(torch.autograd.Function):
     """FanMlp's fc1 -> depthwise conv -> GELU -> BatchNorm -> depthwise conv (scaled) [+ residual] -> fc2.
 
     The ops and results of the module's plain path; the backward reuses buffers the plain autograd graph would
     allocate afresh: fc2's input grad goes into the saved fc2 input, the GELU backward into the saved conv
     output, and the residual's two grads are summed in place (three hidden-size allocations instead of six; on
-    the CPU each fresh one is page-faulted in). With the CPU kernels on (``cpu_kernels``), GELU + BatchNorm
-    run as two passes each way and the GELU output is recomputed, not saved. Its graph can be run backward
-    once (see _LinearGeluLinear).
+    the CPU each fresh one is page-faulted in). With the CPU kernels on (``cpu_kernels``), the depthwise block
+    between fc1 and fc2 runs as two fused passes each way (cpu_kernels.fan_dw_forward) and saves only its
+    first conv's output. Its graph can be run backward once (see _LinearGeluLinear).
     """
 
     @staticmethod
@@ -489,28 +472,26 @@ class _FanMlpFunction(torch.autograd.Function):
         h = torch.addmm(b1, x2, w1.t())
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
-        c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
-        kernels = bn_kernels and cpu_kernels.applies(c1)
-        if kernels:  # GELU + BatchNorm in two passes, the GELU recomputed in backward (cpu_kernels)
-            bn_rows, stats = cpu_kernels.bn_train_forward(
-                c1.permute(0, 2, 3, 1).reshape(B * N, hidden), bn_w, bn_b, bn_mean, bn_var, momentum, eps,
-                gelu_input=True,
+        kernels = bn_kernels and cpu_kernels.applies(h_img) and c1w.shape[-2:] == (3, 3)
+        if kernels:
+            s, c1, saved = cpu_kernels.fan_dw_forward(
+                h.view(B, H, W, hidden), (c1w, c1b), (bn_w, bn_b, bn_mean, bn_var), momentum, eps, (c2w, c2b),
+                residual,
             )
-            bn_out = bn_rows.view(B, H, W, hidden).permute(0, 3, 1, 2)
-            act, (save_mean, save_invstd, *_) = None, stats
+            s = s.view(B * N, hidden)
         else:
+            c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
             act = F.gelu(c1)
             bn_out, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
                 act, bn_w, bn_b, bn_mean, bn_var, bn_training, momentum, eps
             )
-            stats = ()
-        c2 = torch.ops.aten.convolution(bn_out, c2w, c2b, *conv)
-        s = c2.permute(0, 2, 3, 1).reshape(B * N, hidden)  # a view when the conv keeps channels-last
-        if residual:
-            s.add_(h)  # c2 is not saved: summing into it is safe
+            c2 = torch.ops.aten.convolution(bn_out, c2w, c2b, *conv)
+            s = c2.permute(0, 2, 3, 1).reshape(B * N, hidden)  # a view when the conv keeps channels-last
+            if residual:
+                s.add_(h)  # c2 is not saved: summing into it is safe
+            saved = (act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out)
         out = torch.addmm(b2, s, w2.t())
-        ctx.save_for_backward(x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out,
-                              c2w, s, w2, *stats)
+        ctx.save_for_backward(x2, w1, h, c1w, c1, c2w, s, w2, *saved)
         ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels)
         ctx.consumed = False
         return out.view(B, N, -1)
@@ -519,38 +500,42 @@ class _FanMlpFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
         _consume_saved(ctx, "FAN MLP")
-        (x2, w1, h, c1w, c1, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out, c2w, s,
-         w2, *stats) = ctx.saved_tensors
+        x2, w1, h, c1w, c1, c2w, s, w2, *saved = ctx.saved_tensors
         B, N, H, W, hidden, residual, bn_training, eps, conv, kernels = ctx.meta
         g = grad_out.reshape(B * N, -1)
         grad_w2 = g.t().mm(s)
         grad_b2 = g.sum(0)
         grad_s = torch.mm(g, w2, out=s)  # fc2's input is no longer needed
-        grad_s_img = grad_s.view(B, H, W, hidden).permute(0, 3, 1, 2)
-        grad_bn_out, grad_c2w, grad_c2b = _depthwise_backward(grad_s_img, bn_out, c2w, conv, kernels)
-        if kernels:  # BatchNorm and GELU backward in two passes
-            rows = B * N, hidden
-            grad_c1_rows, grad_bn_w, grad_bn_b = cpu_kernels.bn_train_backward(
-                grad_bn_out.permute(0, 2, 3, 1).reshape(rows), c1.permute(0, 2, 3, 1).reshape(rows),
-                tuple(stats), gelu_input=True,
+        if kernels:  # dL/dh is written over grad_s
+            grads = cpu_kernels.fan_dw_backward_(
+                grad_s.view(B, H, W, hidden), c1, h.view(B, H, W, hidden), tuple(saved), (c1w, c2w), residual
             )
-            del grad_bn_out
-            grad_c1 = grad_c1_rows.view(B, H, W, hidden).permute(0, 3, 1, 2)
+            grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = (
+                grad.to(c1w.dtype) if i not in (2, 3) else grad for i, grad in enumerate(grads)
+            )
+            grad_h = grad_s
         else:
+            act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out = saved
+            mask = [True, True, True]
+            grad_s_img = grad_s.view(B, H, W, hidden).permute(0, 3, 1, 2)
+            grad_bn_out, grad_c2w, grad_c2b = torch.ops.aten.convolution_backward(
+                grad_s_img, bn_out, c2w, [hidden], *conv, mask
+            )
             grad_act, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
-                grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps,
-                [True, True, True],
+                grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps, mask
             )
             del grad_bn_out
             grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)
             del grad_act
-        h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)
-        grad_h_img, grad_c1w, grad_c1b = _depthwise_backward(grad_c1, h_img, c1w, conv, kernels)
-        grad_h = grad_h_img.permute(0, 2, 3, 1).reshape(B * N, hidden)
-        if residual:
-            grad_h = grad_s.add_(grad_h)
+            h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)
+            grad_h_img, grad_c1w, grad_c1b = torch.ops.aten.convolution_backward(
+                grad_c1, h_img, c1w, [hidden], *conv, mask
+            )
+            grad_h = grad_h_img.permute(0, 2, 3, 1).reshape(B * N, hidden)
+            if residual:
+                grad_h = grad_s.add_(grad_h)
+            grad_b1 = grad_h.sum(0)
         grad_w1 = grad_h.t().mm(x2)
-        grad_b1 = grad_h.sum(0)
         grad_x = grad_h.mm(w1).view(B, N, -1) if ctx.needs_input_grad[0] else None
         return (grad_x, grad_w1, grad_b1, grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, None, None, grad_c2w,
                 grad_c2b, grad_w2, grad_b2, None)

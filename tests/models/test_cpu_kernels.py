@@ -428,7 +428,7 @@ def test_fan_mlp_with_kernels_is_as_accurate_as_torch(kernels: None, kernel_call
                 assert err <= 8 * torch_err + 1e-7 * float(w_.abs().max()), (step, name, err, torch_err)
         for name, buf in plain.named_buffers():
             torch.testing.assert_close(dict(fused.named_buffers())[name], buf, msg=name)
-    assert kernel_calls == [True, "depthwise3x3", "depthwise3x3"] * 2
+    assert kernel_calls == ["dwconv"] * 2
 
 
 def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -440,16 +440,21 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records each BatchNorm the kernels run (its gelu_input flag), each depthwise weight gradient
-    ("depthwise7x7", with its kernel size), each GELU backward with its bias sum ("gelu") and each channel
-    gate ("gate")."""
+    """Records each BatchNorm the kernels run (its gelu_input flag), each FAN MLP's depthwise block
+    ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
+    its bias sum ("gelu") and each channel gate ("gate")."""
     calls: list[bool | str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
     gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
+    dwconv = cpu_kernels.fan_dw_forward
 
     def counted(*args, **kwargs):
         calls.append(bool(kwargs.get("gelu_input")))
         return forward(*args, **kwargs)
+
+    def counted_dwconv(*args, **kwargs):
+        calls.append("dwconv")
+        return dwconv(*args, **kwargs)
 
     def counted_depthwise(grad_out, x, kernel_size):
         calls.append("depthwise{}x{}".format(*kernel_size))
@@ -460,7 +465,9 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
         return gelu_backward(*args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
+    monkeypatch.setattr(cpu_kernels, "fan_dw_forward", counted_dwconv)
     monkeypatch.setattr(cpu_kernels, "depthwise_weight_grad", counted_depthwise)
+
     def counted_gate(*args, **kwargs):
         calls.append("gate")
         return gate(*args, **kwargs)
@@ -483,10 +490,9 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     cpu_kernels._set(True)
     out_f, grads_f = _model_step(fused, x, y)
     blocks = len(plain.blocks)
-    # every FAN block's channel gate and MLP (GELU -> BatchNorm, two 3x3 depthwise convs); FAN-ViT's stem too
-    # (four BatchNorms, three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
-    assert kernel_calls.count(True) == kernel_calls.count("gate") == blocks
-    assert kernel_calls.count("depthwise3x3") == 2 * blocks
+    # every FAN block's channel gate and MLP (its depthwise block); FAN-ViT's stem too (four BatchNorms,
+    # three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
+    assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == blocks
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
@@ -516,8 +522,8 @@ def test_fan_swin_trains_the_same_with_and_without_kernels(kernels: None, kernel
     gates = sum(isinstance(m, ChannelProcessing) for m in plain.modules())
     gelu_mlps = sum(isinstance(m, GeluMlp) for m in plain.modules())
     assert gates > 0 and gelu_mlps > 0
-    assert kernel_calls.count("gate") == kernel_calls.count(True) == gates
-    assert kernel_calls.count("depthwise3x3") == 2 * gates and kernel_calls.count("gelu") == gelu_mlps
+    assert kernel_calls.count("gate") == kernel_calls.count("dwconv") == gates
+    assert kernel_calls.count("gelu") == gelu_mlps
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     scale = max(g.abs().max() for g in grads_p.values())
     for n, g in grads_p.items():
@@ -542,8 +548,7 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
         assert kernel_calls == []
         cpu_kernels._set(True)
         out_f, grads_f = _model_step(fused, x, y)
-    assert kernel_calls.count(True) == kernel_calls.count("gate") == len(plain.blocks)
-    assert kernel_calls.count("depthwise3x3") == 2 * len(plain.blocks)  # on bf16 images
+    assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == len(plain.blocks)  # on bf16 images
     assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
@@ -574,7 +579,7 @@ def test_checkpointed_blocks_recompute_with_the_kernel_setting_of_their_forward(
     cpu_kernels._set(False)
     loss.backward()
     assert not cpu_kernels.cpu_kernels_enabled()
-    assert kernel_calls.count(True) == 3 * len(plain.blocks)  # both forwards and the recomputation
+    assert kernel_calls.count("dwconv") == 3 * len(plain.blocks)  # both forwards and the recomputation
     for n, p in checkpointed.named_parameters():
         torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
 
@@ -600,7 +605,7 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     kernel_calls.clear()
     mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
     mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()
-    assert kernel_calls == [True, "depthwise3x3", "depthwise3x3"]
+    assert kernel_calls == ["dwconv"]
 
 
 def test_a_failed_build_warns_and_keeps_torch_ops(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -387,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Te
       flush(out, pc, s, b, c0, nc);
     });
     return 0;
-  });
+  }, "h");
   // Chan et al.'s pairwise update, images in order, in double
   std::vector<double> mean(s.C), var(s.C);
   for (int64_t c = 0; c < s.C; ++c) {
@@ -448,7 +448,7 @@ at::Tensor fan_dw_forward_apply(const at::Tensor& c1, const at::Tensor& scale, c
       flush(out, po, s, b, c0, nc);
     });
     return 0;
-  });
+  }, "c1");
   return out;
 }
 
@@ -474,7 +474,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // of gy * (GELU(c1) - mean) for BN; conv2's weight and bias gradients from the recomputed BN output.
   const int64_t rows1 = kTaps + 3;  // taps, bias, sum gy, sum gy * (x' - mean)
   std::vector<float> part1(s.B * rows1 * Cp, 0.f);
-  dispatch(c1, op, [&](auto tag) {
+  dispatch(grad, op, [&](auto tag) {
     using E = decltype(tag);
     const E *pg = grad.const_data_ptr<E>(), *pc = c1.const_data_ptr<E>();
     for_units<2>(s, {{pg, sizeof(E)}, {pc, sizeof(E)}}, [&](const Unit& u) {
@@ -505,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
     return 0;
-  });
+  }, "grad");
   const auto sums1 = sum_images(part1, s, rows1);
   // dL/dx' = a * gy + b * (x' - mean) + d with a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
   // d = -a * sum_gy / M (as bn_gelu.cpp's backward); dL/dc1 = dL/dx' * GELU'(c1)
@@ -524,7 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // column sums, and conv1's weight and bias gradients.
   const int64_t rows2 = kTaps + 2;  // taps, bias, sum of dL/dh
   std::vector<float> part2(s.B * rows2 * Cp, 0.f);
-  dispatch(c1, op, [&](auto tag) {
+  dispatch(grad, op, [&](auto tag) {
     using E = decltype(tag);
     const E *pc = c1.const_data_ptr<E>(), *ph = h.const_data_ptr<E>();
     E* pg = grad.data_ptr<E>();
@@ -567,7 +567,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
     });
     return 0;
-  });
+  }, "grad");
   const auto sums2 = sum_images(part2, s, rows2);
   return {weight_grad(sums2, s),        channel_row(sums2, s, kTaps), channel_vector(grad_weight),
           channel_vector(grad_bias),    weight_grad(sums1, s),        channel_row(sums1, s, kTaps),

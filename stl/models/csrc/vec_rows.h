@@ -58,11 +58,11 @@ STL_INLINE void for_channels(int64_t C, const F& f) {
   if (c < C) f(c, C - c);
 }
 
-// Calls f(T{}) with T the element type of x: float or BFloat16.
+// Calls f(T{}) with T the element type of x (named `name` in the error): float or BFloat16.
 template <typename F>
-auto dispatch(const at::Tensor& x, const char* op, const F& f) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op,
-              ": x must be float32 or bfloat16, got ", x.scalar_type());
+auto dispatch(const at::Tensor& x, const char* op, const F& f, const char* name = "x") {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": ", name,
+              " must be float32 or bfloat16, got ", x.scalar_type());
   return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
 }
 

@@ -190,21 +190,20 @@ def bn_train_forward(
     running_var: torch.Tensor,
     momentum: float,
     eps: float,
-    gelu_input: bool = False,
     gelu_output: bool = False,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """Training-mode BatchNorm of the [M, C] rows ``x`` (of ``GELU(x)`` with ``gelu_input``, recomputed, not
-    stored), then GELU with ``gelu_output``; updates the running statistics as ``F.batch_norm`` does.
+    """Training-mode BatchNorm of the [M, C] rows ``x``, then GELU with ``gelu_output``; updates the running
+    statistics as ``F.batch_norm`` does.
 
     Returns ``(y, stats)``; ``stats`` is what :func:`bn_train_backward` takes.
     """
     rows = x.shape[0]
     if rows < 2:  # as F.batch_norm: one value per channel gives no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got {rows} rows")
-    mean, var = torch.ops.stl_cpu.bn_stats(x, gelu_input)
+    mean, var = torch.ops.stl_cpu.bn_stats(x)
     stats = _batch_statistics(mean, var, rows, weight, bias, running_mean, running_var, momentum, eps)
     _, _, _, scale, shift = stats
-    return torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_input, gelu_output), stats
+    return torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_output), stats
 
 
 @torch.no_grad()
@@ -234,14 +233,12 @@ def bn_train_backward(
     grad: torch.Tensor,
     x: torch.Tensor,
     stats: tuple[torch.Tensor, ...],
-    gelu_input: bool = False,
     gelu_output: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`bn_train_forward` for its [M, C] input ``x``: (grad x, grad weight, grad bias)."""
     mean, invstd, weight, scale, shift = stats
-    return torch.ops.stl_cpu.bn_backward(
-        grad.contiguous(), x, mean, invstd, weight, scale, shift, gelu_input, gelu_output
-    )
+    grad = grad.contiguous()
+    return torch.ops.stl_cpu.bn_backward(grad, x, mean, invstd, weight, scale, shift, gelu_output)
 
 
 def fan_dw_forward(

@@ -76,48 +76,23 @@ def test_batch_norm_act_matches_torch(kernels: None, shape: tuple[int, ...], gel
         torch.testing.assert_close(buf, dict(ref_bn.named_buffers())[name], msg=name)
 
 
-def test_gelu_then_batch_norm_matches_torch(kernels: None) -> None:
-    """The FAN MLP's order: BatchNorm of GELU(x), the GELU recomputed in backward, the gradient taken to x."""
-    x = _channels_last(2, 40, 6, 5).permute(0, 2, 3, 1).reshape(-1, 40).contiguous()
-    grad = torch.randn_like(x)
-    w, b = torch.rand(40) + 0.5, torch.randn(40)
-    mean, var = torch.zeros(40), torch.ones(40)
-    y, stats = cpu_kernels.bn_train_forward(x, w, b, mean, var, 0.1, 1e-5, gelu_input=True)
-    gx, gw, gb = cpu_kernels.bn_train_backward(grad, x, stats, gelu_input=True)
-
-    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
-    ref_mean, ref_var = torch.zeros(40), torch.ones(40)
-    ref = F.batch_norm(F.gelu(xr), ref_mean, ref_var, wr, br, True, 0.1, 1e-5)
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    for g, want in zip((gx, gw, gb), torch.autograd.grad(ref, (xr, wr, br), grad), strict=True):
-        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(mean, ref_mean)
-    torch.testing.assert_close(var, ref_var)
-
-
-def _orders() -> list[tuple[bool, bool]]:
-    return [(False, True), (True, False), (False, False)]  # BN -> GELU (stem), GELU -> BN (MLP), BN alone
-
-
 def _torch_batch_norm_act(rows: torch.Tensor, w: torch.Tensor, b: torch.Tensor, grad: torch.Tensor,
-                          gelu_input: bool, gelu_output: bool) -> tuple[torch.Tensor, ...]:
+                          gelu_output: bool) -> tuple[torch.Tensor, ...]:
     """torch's ops on [M, C] rows (as an NCHW [1, C, M, 1] image), in the rows' dtype: output, grads."""
     x = rows.detach().clone().requires_grad_()
     w, b = (t.to(torch.float64) if rows.dtype == torch.float64 else t for t in (w, b))
     w, b = w.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
     img = x.t().contiguous().view(1, *x.t().shape, 1)  # contiguous: torch's NCHW path
-    a = F.gelu(img) if gelu_input else img
-    y = F.batch_norm(a, None, None, w, b, training=True, eps=1e-5)
+    y = F.batch_norm(img, None, None, w, b, training=True, eps=1e-5)
     y = F.gelu(y) if gelu_output else y
     gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad.to(y.dtype).t().contiguous().view_as(y))
     return y.detach().view(y.shape[1], -1).t(), gx, gw, gb
 
 
-# C = 24: the stem's first width (a vector and a tail of bf16); 768: the MLPs'; 37: a partial vector
+# C = 24: the stem's first width (a vector and a tail of bf16); 768: its last; 37: a partial vector
 @pytest.mark.parametrize("C", [24, 37, 768])
-@pytest.mark.parametrize(("gelu_input", "gelu_output"), _orders())
-def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gelu_input: bool,
-                                                      gelu_output: bool) -> None:
+@pytest.mark.parametrize("gelu_output", [True, False])  # BN -> GELU (the stem), BN alone
+def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gelu_output: bool) -> None:
     """Under bf16 autocast the kernels read and write bf16 and compute in fp32, as torch's BatchNorm and GELU
     do: against float64 their error is the size of torch's bf16 error."""
     torch.manual_seed(C)
@@ -126,20 +101,19 @@ def test_bf16_rows_are_as_accurate_as_torchs_bf16_ops(kernels: None, C: int, gel
     w, b = torch.rand(C) + 0.5, torch.randn(C)
     running_mean, running_var = torch.zeros(C), torch.ones(C)
     y, stats = cpu_kernels.bn_train_forward(x, w, b, running_mean, running_var, 0.1, 1e-5,
-                                            gelu_input=gelu_input, gelu_output=gelu_output)
-    got = (y, *cpu_kernels.bn_train_backward(grad, x, stats, gelu_input=gelu_input, gelu_output=gelu_output))
+                                            gelu_output=gelu_output)
+    got = (y, *cpu_kernels.bn_train_backward(grad, x, stats, gelu_output=gelu_output))
     assert [t.dtype for t in got] == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
-    torch_bf16 = _torch_batch_norm_act(x, w, b, grad, gelu_input, gelu_output)
-    exact = _torch_batch_norm_act(x.double(), w, b, grad, gelu_input, gelu_output)
+    torch_bf16 = _torch_batch_norm_act(x, w, b, grad, gelu_output)
+    exact = _torch_batch_norm_act(x.double(), w, b, grad, gelu_output)
     for name, g, t, e in zip(("output", "input grad", "weight grad", "bias grad"), got, torch_bf16, exact,
                              strict=True):
         err, torch_err = (float((v.double() - e).abs().max() / e.abs().max()) for v in (g, t))
         assert err <= 1.5 * torch_err + 1e-6, (name, err, torch_err)
     # every output element within bf16 rounding of the exact value (plus fp32 rounding near zero)
     torch.testing.assert_close(y.double(), exact[0], rtol=2**-8, atol=1e-5 * float(exact[0].abs().max()))
-    act = F.gelu(x.double()) if gelu_input else x.double()  # the statistics, as F.batch_norm keeps them
-    torch.testing.assert_close(running_mean.double(), 0.1 * act.mean(0), rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * act.var(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(running_mean.double(), 0.1 * x.double().mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(running_var.double(), 0.9 + 0.1 * x.double().var(0), rtol=1e-5, atol=1e-7)
 
 
 # 40 channels: two vectors and a tail; images narrower and shorter than the kernel; non-square kernels;
@@ -338,7 +312,7 @@ def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
 
 def test_statistics_do_not_depend_on_the_thread_count(kernels: None) -> None:
     x = _channels_last(8, 24, 20, 20).permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
-    one, two = _on_one_and_two_threads(lambda: torch.ops.stl_cpu.bn_stats(x, True))
+    one, two = _on_one_and_two_threads(lambda: torch.ops.stl_cpu.bn_stats(x))
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 
@@ -350,12 +324,12 @@ def test_one_row_per_channel_is_refused_as_torch_does(kernels: None) -> None:
 
 def test_ops_name_a_wrong_layout(kernels: None) -> None:
     with pytest.raises(RuntimeError, match=r"bn_stats: x must be a contiguous \[6, 4\]"):
-        torch.ops.stl_cpu.bn_stats(torch.randn(4, 6).t(), False)
+        torch.ops.stl_cpu.bn_stats(torch.randn(4, 6).t())
     with pytest.raises(RuntimeError, match="bn_stats: x must be float32 or bfloat16, got Double"):
-        torch.ops.stl_cpu.bn_stats(torch.randn(6, 4, dtype=torch.float64), False)
+        torch.ops.stl_cpu.bn_stats(torch.randn(6, 4, dtype=torch.float64))
     x, C = torch.randn(6, 4, dtype=torch.bfloat16), torch.ones(4)
     with pytest.raises(RuntimeError, match="bn_backward: grad must be a BFloat16 CPU tensor, got Float"):
-        torch.ops.stl_cpu.bn_backward(torch.randn(6, 4), x, C, C, C, C, C, False, False)
+        torch.ops.stl_cpu.bn_backward(torch.randn(6, 4), x, C, C, C, C, C, False)
 
 
 def test_kernels_apply_only_to_eager_training_statistics(kernels: None) -> None:
@@ -393,7 +367,7 @@ def _dw_block_inputs(B: int, C: int, H: int, W: int, seed: int = 0) -> list[torc
     torch.manual_seed(seed)
     sizes = [(B, C, H, W), (C, 1, 3, 3), (C,), (C,), (C,), (C, 1, 3, 3), (C,), (B, C, H, W)]
     scales = [2.0, 0.4, 0.3, 0.2, 0.5, 0.4, 0.3, 1.0]
-    tensors = [(torch.randn(size) * scale).bfloat16().float() for size, scale in zip(sizes, scales, strict=True)]
+    tensors = [(torch.randn(size) * k).bfloat16().float() for size, k in zip(sizes, scales, strict=True)]
     tensors[3] += 1.0  # BN weight around 1
     for i in (0, 7):
         tensors[i] = tensors[i].contiguous(memory_format=torch.channels_last)
@@ -468,12 +442,12 @@ def test_fan_dw_block_is_as_accurate_as_torch(kernels: None, B: int, C: int, H: 
         assert ratios[0] >= 0.3, ratios
 
 
-def test_fan_dw_block_does_not_depend_on_the_thread_count(kernels: None) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fan_dw_block_does_not_depend_on_the_thread_count(kernels: None, dtype: torch.dtype) -> None:
     inputs = _dw_block_inputs(5, 100, 7, 9)
-    for dtype in (torch.float32, torch.bfloat16):
-        one, two = _on_one_and_two_threads(lambda: _kernel_dw_grads(inputs, True, dtype))
-        for name, a, b in zip(_DW_NAMES, one, two, strict=True):
-            assert torch.equal(a, b), (name, dtype)
+    one, two = _on_one_and_two_threads(lambda: _kernel_dw_grads(inputs, True, dtype))
+    for name, a, b in zip(_DW_NAMES, one, two, strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_fan_dw_block_names_wrong_arguments(kernels: None) -> None:
@@ -551,17 +525,17 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 
 
 @pytest.fixture
-def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
-    """Records each BatchNorm the kernels run (its gelu_input flag), each FAN MLP's depthwise block
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
     its bias sum ("gelu") and each channel gate ("gate")."""
-    calls: list[bool | str] = []
+    calls: list[str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
     gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
     dwconv = cpu_kernels.fan_dw_forward
 
     def counted(*args, **kwargs):
-        calls.append(bool(kwargs.get("gelu_input")))
+        calls.append("bn")
         return forward(*args, **kwargs)
 
     def counted_dwconv(*args, **kwargs):
@@ -605,7 +579,7 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     # every FAN block's channel gate and MLP (its depthwise block); FAN-ViT's stem too (four BatchNorms,
     # three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == blocks
-    assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+    assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
     assert kernel_calls.count("gelu") == len(plain.cls_attn_blocks) + kernel_calls.count("depthwise7x7")
@@ -661,7 +635,7 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
         cpu_kernels._set(True)
         out_f, grads_f = _model_step(fused, x, y)
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == len(plain.blocks)  # on bf16 images
-    assert kernel_calls.count(False) == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+    assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
 

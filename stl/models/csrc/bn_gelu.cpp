@@ -8,9 +8,8 @@
 //
 // Why: torch's channels-last BatchNorm backward is far from memory speed at few channels (FAN-ViT's first stem
 // layer, 24 channels at 112 x 112, batch 16: BatchNorm + GELU backward ~20 ms here against ~4-5 ms), and a
-// GELU next to a BatchNorm costs passes over memory that these kernels fold in (the GELU before a BatchNorm
-// is recomputed, not stored). Results match torch's ops to float rounding; statistics are summed in fixed
-// row blocks, so they do not depend on the thread count.
+// GELU after a BatchNorm costs passes over memory that these kernels fold in. Results match torch's ops to
+// float rounding; statistics are summed in fixed row blocks, so they do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
@@ -107,20 +106,18 @@ void sum_rows(int64_t M, int64_t C, std::vector<double>& out_a, std::vector<doub
   }
 }
 
-// y = BN(x') with x' = GELU(x) when gelu_input, else x; then y = GELU(y) when gelu_output. The GELU before
-// the BatchNorm is recomputed wherever x' is needed instead of being stored: one pass over memory less each
-// way, and no saved activation. The row kernels below take T = float or BFloat16 rows and compute in float.
-STL_INLINE Vec bn_input(const Vec& x, bool gelu_input) { return gelu_input ? gelu(x) : x; }
+// y = BN(x), then y = GELU(y) when gelu_output. The row kernels below take T = float or BFloat16 rows and
+// compute in float. (The FAN MLP's GELU -> BatchNorm is part of fan_dwconv.cpp's block.)
 
-// Batch statistics of x': mean and biased variance per channel. Sums are shifted by the first row to keep
-// E[x'^2] - E[x']^2 accurate when the mean is large.
+// Batch statistics of x: mean and biased variance per channel. Sums are shifted by the first row to keep
+// E[x^2] - E[x]^2 accurate when the mean is large.
 template <typename T>
-std::tuple<at::Tensor, at::Tensor> stats_rows(const T* px, int64_t M, int64_t C, bool gelu_input) {
+std::tuple<at::Tensor, at::Tensor> stats_rows(const T* px, int64_t M, int64_t C) {
   std::vector<float> shift(C);
-  for_channels(C, [&](int64_t c, int64_t n) { store(bn_input(load(px + c, n), gelu_input), shift.data() + c, n); });
+  for_channels(C, [&](int64_t c, int64_t n) { store(load(px + c, n), shift.data() + c, n); });
   std::vector<double> s, q;
   sum_rows(M, C, s, q, [&](int64_t r, int64_t c, int64_t n, Vec& a, Vec& b) {
-    a = bn_input(load(px + r * C + c, n), gelu_input) - load(shift.data() + c, n);
+    a = load(px + r * C + c, n) - load(shift.data() + c, n);
     b = a * a;
   });
   std::vector<double> mean(C), var(C);
@@ -132,32 +129,31 @@ std::tuple<at::Tensor, at::Tensor> stats_rows(const T* px, int64_t M, int64_t C,
   return {channel_vector(mean), channel_vector(var)};
 }
 
-// y = x' * scale + shift per channel (BN with its statistics folded in), then GELU when gelu_output.
+// y = x * scale + shift per channel (BN with its statistics folded in), then GELU when gelu_output.
 template <typename T>
-void apply_rows(const T* px, T* py, int64_t M, int64_t C, const float* ps, const float* pt, bool gelu_input,
-                bool gelu_output) {
+void apply_rows(const T* px, T* py, int64_t M, int64_t C, const float* ps, const float* pt, bool gelu_output) {
   for_blocks(M, C, [&](int64_t, int64_t r0, int64_t r1, int64_t c, int64_t n) {
     const Vec s = load(ps + c, n), t = load(pt + c, n);
     for_rows(r0, r1, [&](int64_t r) {
-      const Vec v = at::vec::fmadd(bn_input(load(px + r * C + c, n), gelu_input), s, t);
+      const Vec v = at::vec::fmadd(load(px + r * C + c, n), s, t);
       store(gelu_output ? gelu(v) : v, py + r * C + c, n);
     });
   });
 }
 
 // dL/dx for bn_apply in training mode (through the batch statistics) into po, given dL/dy (pg) and the input
-// (px); pm, pi: mean and invstd of x'; pw: BN's weight; ps, pt: bn_apply's scale and shift. Returns the sums
+// (px); pm, pi: mean and invstd of x; pw: BN's weight; ps, pt: bn_apply's scale and shift. Returns the sums
 // (grad weight, grad bias).
 template <typename T>
 std::tuple<std::vector<double>, std::vector<double>> backward_rows(
     const T* pg, const T* px, T* po, int64_t M, int64_t C, const float* pm, const float* pi, const float* pw,
-    const float* ps, const float* pt, bool gelu_input, bool gelu_output) {
-  // Pass 1: gy = dL/dBN(x') (written to po when it goes through the output GELU, to be read in pass 2, and
+    const float* ps, const float* pt, bool gelu_output) {
+  // Pass 1: gy = dL/dBN(x) (written to po when it goes through the output GELU, to be read in pass 2, and
   // summed as stored: rounded to T, as torch's GELU backward would hand it on), and the sums of gy and
-  // gy * (x' - mean).
+  // gy * (x - mean).
   std::vector<double> sum_gy, sum_gyx;
   sum_rows(M, C, sum_gy, sum_gyx, [&](int64_t r, int64_t c, int64_t n, Vec& a, Vec& b) {
-    const Vec xv = bn_input(load(px + r * C + c, n), gelu_input);
+    const Vec xv = load(px + r * C + c, n);
     Vec gy = load(pg + r * C + c, n);
     if (gelu_output) {
       gy = round_to<T>(gy * gelu_grad(at::vec::fmadd(xv, load(ps + c, n), load(pt + c, n))));
@@ -167,9 +163,8 @@ std::tuple<std::vector<double>, std::vector<double>> backward_rows(
     b = gy * (xv - load(pm + c, n));
   });
 
-  // dL/dx' = a * gy + b * (x' - mean) + d with per-channel a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
-  // d = -a * sum_gy / M (centred: no cancellation for a large mean); dL/dx = dL/dx' * GELU'(x) through the
-  // input GELU.
+  // dL/dx = a * gy + b * (x - mean) + d with per-channel a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
+  // d = -a * sum_gy / M (centred: no cancellation for a large mean).
   std::vector<float> ca(C), cb(C), cd(C);
   std::vector<double> grad_weight(C), grad_bias(C);
   for (int64_t c = 0; c < C; ++c) {
@@ -186,14 +181,7 @@ std::tuple<std::vector<double>, std::vector<double>> backward_rows(
     const Vec m = load(pm + c, n);
     for_rows(r0, r1, [&](int64_t r) {
       const int64_t i = r * C + c;
-      const Vec xv = load(px + i, n);
-      if (gelu_input) {
-        Vec act, slope;
-        gelu_and_grad(xv, act, slope);
-        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(act - m, b, d)) * slope, po + i, n);
-      } else {
-        store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(xv - m, b, d)), po + i, n);
-      }
+      store(at::vec::fmadd(load(src + i, n), a, at::vec::fmadd(load(px + i, n) - m, b, d)), po + i, n);
     });
   });
   return {std::move(grad_weight), std::move(grad_bias)};
@@ -213,17 +201,16 @@ std::vector<double> gelu_backward_rows(const T* pg, T* px, int64_t M, int64_t C)
   return sums;
 }
 
-std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x, bool gelu_input) {
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_stats: x must be [M, C] with M > 0, got ", x.sizes());
   const int64_t M = x.size(0), C = x.size(1);
   check_rows(x, "bn_stats: x", M, C, x.scalar_type());
   return dispatch(x, "bn_stats", [&](auto tag) {
-    return stats_rows(x.const_data_ptr<decltype(tag)>(), M, C, gelu_input);
+    return stats_rows(x.const_data_ptr<decltype(tag)>(), M, C);
   });
 }
 
-at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
-                    bool gelu_output) {
+at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, bool gelu_output) {
   TORCH_CHECK(x.dim() == 2, "bn_apply: x must be [M, C], got ", x.sizes());
   const int64_t M = x.size(0), C = x.size(1);
   check_rows(x, "bn_apply: x", M, C, x.scalar_type());
@@ -233,18 +220,17 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   dispatch(x, "bn_apply", [&](auto tag) {
     using T = decltype(tag);
     apply_rows(x.const_data_ptr<T>(), y.data_ptr<T>(), M, C, scale.const_data_ptr<float>(),
-               shift.const_data_ptr<float>(), gelu_input, gelu_output);
+               shift.const_data_ptr<float>(), gelu_output);
     return 0;
   });
   return y;
 }
 
 // Gradients of bn_apply in training mode: (dL/dx, grad weight, grad bias). grad: dL/dy (x's dtype); x: the
-// op's input; mean, invstd: the statistics of x'; weight: BN's weight; scale, shift: as given to bn_apply.
+// op's input; mean, invstd: its statistics; weight: BN's weight; scale, shift: as given to bn_apply.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
-    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift, bool gelu_input,
-    bool gelu_output) {
+    const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift, bool gelu_output) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) > 0, "bn_backward: x must be [M, C] with M > 0, got ", x.sizes());
   const int64_t M = x.size(0), C = x.size(1);
   check_rows(x, "bn_backward: x", M, C, x.scalar_type());
@@ -258,7 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
     return backward_rows(grad.const_data_ptr<T>(), x.const_data_ptr<T>(), out.data_ptr<T>(), M, C,
                          mean.const_data_ptr<float>(), invstd.const_data_ptr<float>(),
                          weight.const_data_ptr<float>(), scale.const_data_ptr<float>(),
-                         shift.const_data_ptr<float>(), gelu_input, gelu_output);
+                         shift.const_data_ptr<float>(), gelu_output);
   });
   return {out, channel_vector(grad_weight), channel_vector(grad_bias)};
 }
@@ -280,11 +266,11 @@ at::Tensor gelu_backward_sum_(const at::Tensor& grad, const at::Tensor& x) {
 }  // namespace
 
 TORCH_LIBRARY(stl_cpu, m) {
-  m.def("bn_stats(Tensor x, bool gelu_input) -> (Tensor, Tensor)");
-  m.def("bn_apply(Tensor x, Tensor scale, Tensor shift, bool gelu_input, bool gelu_output) -> Tensor");
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");
+  m.def("bn_apply(Tensor x, Tensor scale, Tensor shift, bool gelu_output) -> Tensor");
   m.def(
       "bn_backward(Tensor grad, Tensor x, Tensor mean, Tensor invstd, Tensor weight, Tensor scale, Tensor shift, "
-      "bool gelu_input, bool gelu_output) -> (Tensor, Tensor, Tensor)");
+      "bool gelu_output) -> (Tensor, Tensor, Tensor)");
   m.def("gelu_backward_sum_(Tensor grad, Tensor(a!) x) -> Tensor");
 }
 

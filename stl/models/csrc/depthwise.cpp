@@ -6,11 +6,10 @@
 //
 // Why: oneDNN's depthwise weight gradient is slow for kernels wider than 3 columns (the ConvNeXt stem's 7x7:
 // ~35-54 ms at [16, 128, 56, 56]); the column slices that stl/models/convnext_stem.py otherwise asks it for
-// take ~19 ms with their padding and copies, this ~8.5 ms. For the FAN MLPs' 3x3 convs oneDNN's weight and
-// bias gradients take ~1.1 ms at [16, 768, 14, 14] (fp32), this ~0.7 ms, and oneDNN computes the input
-// gradient alone faster than all three together. Per image, channel vector and kernel tap, one run along an
-// image row with the sums in registers; per-image sums are combined in image order in double, so results do
-// not depend on the thread count.
+// take ~19 ms with their padding and copies, this ~8.5 ms. (It is faster for 3x3 too: ~0.7 against oneDNN's
+// ~1.1 ms at [16, 768, 14, 14], fp32; the FAN MLPs' 3x3 convs are part of fan_dwconv.cpp's fused block.)
+// Per image, channel vector and kernel tap, one run along an image row with the sums in registers; per-image
+// sums are combined in image order in double, so results do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

@@ -2,12 +2,12 @@
 //
 //   c1 = conv1(h);  s = conv2(BN(GELU(c1))) [+ h]
 //
-// conv1 and conv2 are stride-1, same-padded depthwise convs with bias (odd kernel sides), BN a BatchNorm in
-// training mode (batch statistics). Built with bn_gelu.cpp (see there) and registered as
-// torch.ops.stl_cpu.fan_dw_*; stl/models/layers.py (_FanMlpFunction) calls them through cpu_kernels.py.
-// Images are contiguous [B, H, W, C] views of channels-last [B, C, H, W] tensors, all of one dtype (float32,
-// or bf16 as autocast runs these ops: stored in bf16, computed in fp32); conv weights [C, 1, kh, kw] and
-// per-channel vectors are float32.
+// conv1 and conv2 are stride-1, same-padded 3x3 depthwise convs with bias, BN a BatchNorm in training mode
+// (batch statistics). Built with bn_gelu.cpp (see there) and registered as torch.ops.stl_cpu.fan_dw_*;
+// stl/models/layers.py (_FanMlpFunction) calls them through cpu_kernels.py. Images are contiguous
+// [B, H, W, C] views of channels-last [B, C, H, W] tensors, all of one dtype (float32, or bf16 as autocast
+// runs these ops: stored in bf16, computed in fp32); conv weights [C, 1, 3, 3] and per-channel vectors are
+// float32.
 //
 // Why: every op of the block is per channel, and the block is memory-bound. Unfused, it is two oneDNN
 // convs, BatchNorm statistics and normalisation, a residual add forward and, backward, two convs' input
@@ -17,7 +17,13 @@
 // passes forward (conv1 with the GELU's batch statistics; BN, conv2 and the residual), two backward (conv2's
 // input and weight gradients with BN's sums; then conv2's input gradient again, BN and GELU backward,
 // conv1's input and weight gradients, the residual, fc1's bias gradient). BN(GELU(c1)) is recomputed, not
-// stored. Values are rounded to the element type wherever the unfused ops store them (c1, the BN output, each
+// stored. A unit's channels are a 3 KB-strided column of 256 B pieces: read straight from memory, filling
+// the tiles would wait on memory for as long as the arithmetic takes, so the next unit's are prefetched
+// while the current one computes, and outputs go out as streaming stores (Prefetcher, flush).
+// In a FAN-ViT-T training step (batch 16, [16, 14, 14, 768]) a block takes ~9-11 ms forward + backward
+// against ~12-15 ms for the unfused kernels and oneDNN convs (profiler).
+//
+// Values are rounded to the element type wherever the unfused ops store them (c1, the BN output, each
 // conv's output and input gradient, the residual sums), so bf16 results are the unfused ops' up to the order
 // of summation. Per-unit sums are combined in image order in double: results do not depend on the thread
 // count.
@@ -38,8 +44,8 @@ namespace {
 
 using namespace stl_cpu;
 
-constexpr int64_t kGroup = 64;        // channels per unit of work
-constexpr int64_t kTaps = 9;          // 3x3 convs
+constexpr int64_t kGroup = 64;  // channels per unit of work
+constexpr int64_t kTaps = 9;    // 3x3 convs
 
 struct Shape {
   int64_t B, H, W, C;
@@ -56,7 +62,9 @@ class Tile {
   explicit Tile(const Shape& s) : wp_(s.W + 2), data_((s.H + 2) * wp_ * kGroup, 0.f) {}
 
   // Lanes v * kV.. of pixel (y, x) of the image; -1 <= y <= H and -1 <= x <= W reach into the border.
-  float* at(int64_t y, int64_t x, int64_t v = 0) { return data_.data() + ((y + 1) * wp_ + x + 1) * kGroup + v * kV; }
+  float* at(int64_t y, int64_t x, int64_t v = 0) {
+    return data_.data() + ((y + 1) * wp_ + x + 1) * kGroup + v * kV;
+  }
   Vec get(int64_t y, int64_t x, int64_t v) { return Vec::loadu(at(y, x, v)); }
   void put(int64_t y, int64_t x, int64_t v, const Vec& a) { a.store(at(y, x, v)); }
 
@@ -87,18 +95,20 @@ STL_INLINE void for_runs(int64_t W, const F& f) {
   }
 }
 
-// The 3x3 taps of lanes v of a unit's channels: w [9, Cp] from taps_of, c0 the unit's first channel.
+// The 3x3 taps of lanes v of a unit's channels, in registers: taps [9, Cp] from taps_of, c0 the unit's first
+// channel.
 struct Taps {
-  Vec w[9];
+  Vec w[kTaps];
   Taps(const std::vector<float>& taps, int64_t Cp, int64_t c0, int64_t v) {
-    for (int64_t t = 0; t < 9; ++t) w[t] = Vec::loadu(taps.data() + t * Cp + c0 + v * kV);
+    for (int64_t t = 0; t < kTaps; ++t) w[t] = Vec::loadu(taps.data() + t * Cp + c0 + v * kV);
   }
 };
 
 // acc[n] = bias + sum over taps (i, j) of t(y + i - 1, x0 + n + j - 1) * w[i * 3 + j], lanes v: the conv at a
 // run of pixels, or with flipped taps the conv's input gradient (t holding its output gradient).
 template <int N>
-STL_INLINE void conv_run(Tile& t, int64_t y, int64_t x0, int64_t v, const Taps& w, const Vec& bias, Vec (&acc)[N]) {
+STL_INLINE void conv_run(Tile& t, int64_t y, int64_t x0, int64_t v, const Taps& w, const Vec& bias,
+                         Vec (&acc)[N]) {
 #pragma GCC unroll 8
   for (int n = 0; n < N; ++n) acc[n] = bias;
 #pragma GCC unroll 3
@@ -412,7 +422,8 @@ at::Tensor fan_dw_forward_apply(const at::Tensor& c1, const at::Tensor& scale, c
   const char* op = "fan_dw_forward_apply";
   const Shape s = h ? check_images(op, {{&c1, "c1"}, {&*h, "h"}}) : check_images(op, {{&c1, "c1"}});
   check_weight(op, w2, "w2", s);
-  for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&b2, "b2"}}) check_channels(op, *t, name, s.C);
+  for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&b2, "b2"}})
+    check_channels(op, *t, name, s.C);
   const int64_t Cp = s.padded_channels();
   const auto taps = taps_of(w2, s, false), bias = padded(b2, s), sc = padded(scale, s), sh = padded(shift, s);
   auto out = at::empty_like(c1);
@@ -513,7 +524,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<double> grad_weight(s.C), grad_bias(s.C);
   const float *pi = invstd.const_data_ptr<float>(), *pw = weight.const_data_ptr<float>();
   for (int64_t c = 0; c < s.C; ++c) {
-    const double is = pi[c], a = is * pw[c], sg = sums1[(kTaps + 1) * Cp + c], sgx = sums1[(kTaps + 2) * Cp + c];
+    const double is = pi[c], a = is * pw[c];
+    const double sg = sums1[(kTaps + 1) * Cp + c], sgx = sums1[(kTaps + 2) * Cp + c];
     ca[c] = static_cast<float>(a);
     cb[c] = static_cast<float>(-a * sgx * is * is / M);
     cd[c] = static_cast<float>(-a * sg / M);
@@ -578,7 +590,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(stl_cpu, m) {
   m.def("fan_dw_forward_stats(Tensor h, Tensor w1, Tensor b1) -> (Tensor, Tensor, Tensor)");
-  m.def("fan_dw_forward_apply(Tensor c1, Tensor scale, Tensor shift, Tensor w2, Tensor b2, Tensor? h) -> Tensor");
+  m.def(
+      "fan_dw_forward_apply(Tensor c1, Tensor scale, Tensor shift, Tensor w2, Tensor b2, Tensor? h) -> Tensor");
   m.def(
       "fan_dw_backward_(Tensor(a!) grad, Tensor c1, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
       "Tensor scale, Tensor shift, Tensor w1, Tensor w2, bool residual) "

@@ -1,6 +1,6 @@
-// Vector helpers shared by this project's CPU kernels (bn_gelu.cpp, channel_gate.cpp, depthwise.cpp): float
-// vectors of ATen's instruction set (the CPU_CAPABILITY the build defines), loaded from and stored to rows of
-// float or bf16.
+// Vector helpers shared by this project's CPU kernels (bn_gelu.cpp, channel_gate.cpp, depthwise.cpp,
+// fan_dwconv.cpp): float vectors of ATen's instruction set (the CPU_CAPABILITY the build defines), loaded from
+// and stored to rows of float or bf16.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -88,10 +88,10 @@ class TrainConfig:
     workers: int = _spec(2, lo=0, hi=128, help="DataLoader workers per process")
     optimizer: str = _spec("adamw", choices=("adamw", "sophiag"), help="adamw (timm) or SophiaG")
     fused_optimizer: bool = _spec(False, help="AdamW as torch's fused kernel (same update, rounding aside)")
-    cpu_kernels: bool = _spec(False, help="this project's CPU training kernels (the FAN MLP's depthwise block, "
-                              "BatchNorm+GELU, depthwise weight gradients, GELU backward, FAN's channel gate; "
-                              "fp32 or bf16; built on first use with a C++ compiler; same results, rounding "
-                              "aside)")
+    cpu_kernels: bool = _spec(False, help="this project's CPU training kernels (the FAN MLP's depthwise "
+                              "block, BatchNorm+GELU, depthwise weight gradients, GELU backward, FAN's "
+                              "channel gate; fp32 or bf16; built on first use with a C++ compiler; same "
+                              "results, rounding aside)")
     lr: float = _spec(2e-3, lo=0.0, hi=10.0, lo_open=True, help="peak learning rate")
     min_lr: float = _spec(1e-5, lo=0.0, hi=10.0, help="cosine schedule floor")
     warmup_lr: float = _spec(1e-6, lo=0.0, hi=10.0, help="learning rate at the start of warmup")

@@ -14,7 +14,7 @@ sum, forward and backward). Elsewhere (inference, CUDA, ``torch.compile``,
 ``fused_backward(False)``) the models keep torch's ops. Results match torch's to float rounding, so the switch
 is off by default, like ``fused=True`` AdamW.
 
-The first build takes ~10 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
+The first build takes ~30 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
 torch's ops.
 """

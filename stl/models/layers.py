@@ -493,6 +493,7 @@ class _FanMlpFunction(torch.autograd.Function):
         out = torch.addmm(b2, s, w2.t())
         ctx.save_for_backward(x2, w1, h, c1w, c1, c2w, s, w2, *saved)
         ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels)
+        ctx.dtypes = b1.dtype, c1b.dtype, c2b.dtype  # of the kernels' fp32 gradients
         ctx.consumed = False
         return out.view(B, N, -1)
 
@@ -510,9 +511,10 @@ class _FanMlpFunction(torch.autograd.Function):
             grads = cpu_kernels.fan_dw_backward_(
                 grad_s.view(B, H, W, hidden), c1, h.view(B, H, W, hidden), tuple(saved), (c1w, c2w), residual
             )
-            grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = (
-                grad.to(c1w.dtype) if i not in (2, 3) else grad for i, grad in enumerate(grads)
-            )
+            grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = grads
+            b1_dtype, c1b_dtype, c2b_dtype = ctx.dtypes
+            grad_c1w, grad_c1b = grad_c1w.to(c1w.dtype), grad_c1b.to(c1b_dtype)
+            grad_c2w, grad_c2b, grad_b1 = grad_c2w.to(c2w.dtype), grad_c2b.to(c2b_dtype), grad_b1.to(b1_dtype)
             grad_h = grad_s
         else:
             act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out = saved

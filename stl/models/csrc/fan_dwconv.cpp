@@ -19,16 +19,19 @@
 // conv1's input and weight gradients, the residual, fc1's bias gradient). BN(GELU(c1)) is recomputed, not
 // stored. A unit's channels are a 3 KB-strided column of 256 B pieces: read straight from memory, filling
 // the tiles would wait on memory for as long as the arithmetic takes, so the next unit's are prefetched
-// while the current one computes, and outputs go out as streaming stores (Prefetcher, flush).
+// while the current one computes, and the forward's outputs go out as streaming stores (Prefetcher, flush;
+// the backward writes dL/dh over lines it has just read).
 // In a FAN-ViT-T training step (batch 16, [16, 14, 14, 768]) a block takes 11.5 ms forward + backward in fp32
-// and 10.5 in bf16, against 14.9 and 12.2 for oneDNN's convs and the separate BatchNorm + GELU and weight-
-// gradient kernels it replaces (profiler, per step: 138 vs 179 ms, 126 vs 146).
+// and 9.5-10.5 in bf16, against 14.9 and 12.2 for oneDNN's convs and the separate BatchNorm + GELU and
+// weight-gradient kernels it replaces (profiler, per step: 138 vs 179 ms, 114-126 vs 146).
 //
-// Values are rounded to the element type wherever the unfused ops store them (c1, the BN output, each
-// conv's output and input gradient, the residual sums), so bf16 results are the unfused ops' up to the order
-// of summation. Per-unit sums are combined in image order in double: results do not depend on the thread
-// count.
+// Values are rounded to the element type where torch's ops under autocast store them (c1, the BN output,
+// each conv's output and input gradient, the BN + GELU backward's output, the residual sums); the GELU's
+// output and the BN's input gradient stay in fp32 inside the fused passes (torch's ops store them in bf16;
+// the BatchNorm + GELU kernels before this one kept them in fp32 too). Per-unit sums are combined in image
+// order in double: results do not depend on the thread count.
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -473,7 +476,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& w1, const at::Tensor& w2, bool residual) {
   const char* op = "fan_dw_backward_";
   const Shape s = check_images(op, {{&grad, "grad"}, {&c1, "c1"}, {&h, "h"}});
-  TORCH_CHECK(!grad.is_same(c1) && !grad.is_same(h), op, ": grad must be a tensor of its own");
+  TORCH_CHECK(at::get_overlap_status(grad, c1) == at::MemOverlapStatus::No &&
+                  at::get_overlap_status(grad, h) == at::MemOverlapStatus::No,
+              op, ": grad (overwritten with dL/dh) must not share memory with c1 or h");
   check_weight(op, w1, "w1", s);
   check_weight(op, w2, "w2", s);
   for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},

@@ -201,7 +201,7 @@ def bn_train_forward(
     if rows < 2:  # as F.batch_norm: one value per channel gives no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got {rows} rows")
     mean, var = torch.ops.stl_cpu.bn_stats(x)
-    stats = _batch_statistics(mean, var, rows, weight, bias, running_mean, running_var, momentum, eps)
+    stats = _batch_statistics(mean, var, rows, (weight, bias, running_mean, running_var), momentum, eps)
     _, _, _, scale, shift = stats
     return torch.ops.stl_cpu.bn_apply(x, scale, shift, gelu_output), stats
 
@@ -211,16 +211,14 @@ def _batch_statistics(
     mean: torch.Tensor,
     var: torch.Tensor,
     rows: int,
-    weight: torch.Tensor,
-    bias: torch.Tensor,
-    running_mean: torch.Tensor,
-    running_var: torch.Tensor,
+    bn: tuple[torch.Tensor, ...],
     momentum: float,
     eps: float,
 ) -> tuple[torch.Tensor, ...]:
     """A training BatchNorm's per-channel terms from the batch's mean and biased variance over ``rows``
     values: updates the running statistics as ``F.batch_norm`` does and returns (mean, invstd, weight, scale,
-    shift), the BatchNorm being ``x * scale + shift``."""
+    shift), the BatchNorm being ``x * scale + shift``. ``bn``: (weight, bias, running_mean, running_var)."""
+    weight, bias, running_mean, running_var = bn
     running_mean.mul_(1.0 - momentum).add_(mean, alpha=momentum)
     running_var.mul_(1.0 - momentum).add_(var, alpha=momentum * rows / (rows - 1))
     invstd = (var + eps).rsqrt_()
@@ -263,7 +261,7 @@ def fan_dw_forward(
     if B * H * W < 2:  # as F.batch_norm: one value per channel gives no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got {B * H * W} values")
     c1, mean, var = torch.ops.stl_cpu.fan_dw_forward_stats(h, w1.float(), b1.float())
-    stats = _batch_statistics(mean, var, B * H * W, *bn, momentum, eps)
+    stats = _batch_statistics(mean, var, B * H * W, bn, momentum, eps)
     _, _, _, scale, shift = stats
     residual_input = h if residual else None
     s = torch.ops.stl_cpu.fan_dw_forward_apply(c1, scale, shift, w2.float(), b2.float(), residual_input)

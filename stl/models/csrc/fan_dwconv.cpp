@@ -108,6 +108,14 @@ struct Taps {
   }
 };
 
+// Lanes v of pixels x0 - 1 .. x0 + N of row y of t: a run of N pixels with its two neighbours.
+template <int N>
+STL_INLINE void load_run(Tile& t, int64_t y, int64_t x0, int64_t v, Vec (&in)[N + 2]) {
+  const float* row = t.at(y, x0 - 1, v);
+#pragma GCC unroll 10
+  for (int k = 0; k < N + 2; ++k) in[k] = Vec::loadu(row + k * kGroup);
+}
+
 // acc[n] = bias + sum over taps (i, j) of t(y + i - 1, x0 + n + j - 1) * w[i * 3 + j], lanes v: the conv at a
 // run of pixels, or with flipped taps the conv's input gradient (t holding its output gradient).
 template <int N>
@@ -117,10 +125,8 @@ STL_INLINE void conv_run(Tile& t, int64_t y, int64_t x0, int64_t v, const Taps& 
   for (int n = 0; n < N; ++n) acc[n] = bias;
 #pragma GCC unroll 3
   for (int i = 0; i < 3; ++i) {
-    const float* row = t.at(y + i - 1, x0 - 1, v);
     Vec in[N + 2];
-#pragma GCC unroll 10
-    for (int k = 0; k < N + 2; ++k) in[k] = Vec::loadu(row + k * kGroup);
+    load_run<N>(t, y + i - 1, x0, v, in);
 #pragma GCC unroll 8
     for (int n = 0; n < N; ++n) {
 #pragma GCC unroll 3
@@ -141,10 +147,8 @@ STL_INLINE void weight_run(Tile& g, Tile& in, int64_t y, int64_t x0, int64_t v, 
   }
 #pragma GCC unroll 3
   for (int i = 0; i < 3; ++i) {
-    const float* row = in.at(y + i - 1, x0 - 1, v);
     Vec iv[N + 2];
-#pragma GCC unroll 10
-    for (int k = 0; k < N + 2; ++k) iv[k] = Vec::loadu(row + k * kGroup);
+    load_run<N>(in, y + i - 1, x0, v, iv);
 #pragma GCC unroll 8
     for (int n = 0; n < N; ++n) {
 #pragma GCC unroll 3

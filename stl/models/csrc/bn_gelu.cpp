@@ -69,13 +69,6 @@ void check_rows(const at::Tensor& t, const char* name, int64_t M, int64_t C, at:
               " must be a contiguous [", M, ", ", C, "] tensor, got ", t.sizes(), " strides ", t.strides());
 }
 
-void check_channels(const at::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C &&
-                  t.is_contiguous(),
-              name, " must be a contiguous float32 [", C, "] CPU tensor, got ", t.sizes(), " ",
-              t.scalar_type());
-}
-
 // Per-channel sums of a(row) and b(row) over all rows, in fixed blocks of kBlockRows rows (float), combined
 // in block order in double, so the result does not depend on the thread count. body(r, c, n, a, b) sets the
 // two vectors to add for row r and the channels c..c+n.
@@ -214,8 +207,8 @@ at::Tensor bn_apply(const at::Tensor& x, const at::Tensor& scale, const at::Tens
   TORCH_CHECK(x.dim() == 2, "bn_apply: x must be [M, C], got ", x.sizes());
   const int64_t M = x.size(0), C = x.size(1);
   check_rows(x, "bn_apply: x", M, C, x.scalar_type());
-  check_channels(scale, "bn_apply: scale", C);
-  check_channels(shift, "bn_apply: shift", C);
+  check_float("bn_apply", scale, "scale", {C});
+  check_float("bn_apply", shift, "shift", {C});
   auto y = at::empty_like(x);
   dispatch(x, "bn_apply", [&](auto tag) {
     using T = decltype(tag);
@@ -237,7 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_backward(
   check_rows(grad, "bn_backward: grad", M, C, x.scalar_type());
   for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},
                          {&shift, "shift"}})
-    check_channels(*t, name, C);
+    check_float("bn_backward", *t, name, {C});
   auto out = at::empty_like(x);
   auto [grad_weight, grad_bias] = dispatch(x, "bn_backward", [&](auto tag) {
     using T = decltype(tag);

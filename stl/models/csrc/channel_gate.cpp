@@ -137,12 +137,6 @@ void check_heads(const at::Tensor& q, int64_t heads) {
               heads, " heads");
 }
 
-void check_float(const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == sizes && t.is_contiguous(),
-              "channel_gate: ", name, " must be a contiguous float32 ", sizes, " CPU tensor, got ", t.scalar_type(),
-              " ", t.sizes());
-}
-
 // (gate [B, C], k [B, N, heads], stats [B, 4, C]), all float32; the last two are for channel_gate_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate(const at::Tensor& q, const at::Tensor& x,
                                                             int64_t heads) {
@@ -178,10 +172,10 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const at::Tensor& grad_
   const int64_t B = q.size(0), N = q.size(1), C = q.size(2);
   check_tokens(q, "q", q.sizes());
   check_tokens(x, "x", q.sizes());
-  check_float(grad_gate, "grad_gate", {B, C});
-  check_float(gate, "gate", {B, C});
-  check_float(k, "k", {B, N, heads});
-  check_float(stats, "stats", {B, 4, C});
+  check_float("channel_gate", grad_gate, "grad_gate", {B, C});
+  check_float("channel_gate", gate, "gate", {B, C});
+  check_float("channel_gate", k, "k", {B, N, heads});
+  check_float("channel_gate", stats, "stats", {B, 4, C});
   auto grad_q = at::empty_like(q), grad_x = at::empty_like(x);
   dispatch(q, "channel_gate_backward", [&](auto qtag) {
     return dispatch(x, "channel_gate_backward", [&](auto xtag) {

@@ -107,15 +107,8 @@ std::tuple<at::Tensor, at::Tensor> depthwise_weight_grad(const at::Tensor& grad,
     });
     return 0;
   });
-  std::vector<double> weight((T + 1) * C, 0.0);  // [T + 1, C], images in order
-  for (int64_t b = 0; b < B; ++b) {
-    const float* p = partial.data() + b * (T + 1) * C;
-    for (int64_t i = 0; i < (T + 1) * C; ++i) weight[i] += p[i];
-  }
-  std::vector<double> per_channel(T * C), bias(weight.begin() + T * C, weight.end());
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t c = 0; c < C; ++c) per_channel[c * T + t] = weight[t * C + c];  // [C, T]
-  return {channel_vector(per_channel).view({C, 1, kh, kw}), channel_vector(bias)};
+  const auto sums = sum_in_image_order(partial, B, (T + 1) * C);  // [T + 1, C]
+  return {depthwise_weight(sums, C, C, kh, kw), sums_row(sums, C, T, C)};
 }
 
 }  // namespace

@@ -306,30 +306,6 @@ std::vector<float> taps_of(const at::Tensor& w, const Shape& s, bool flip) {
   return out;
 }
 
-// Rows [rows, Cp] of per-unit float sums, [B, rows, Cp], summed over the images in order in double.
-std::vector<double> sum_images(const std::vector<float>& part, const Shape& s, int64_t rows) {
-  const int64_t Cp = s.padded_channels();
-  std::vector<double> out(rows * Cp, 0.0);
-  for (int64_t b = 0; b < s.B; ++b)
-    for (int64_t i = 0; i < rows * Cp; ++i) out[i] += part[b * rows * Cp + i];
-  return out;
-}
-
-// A weight gradient [C, 1, 3, 3] from summed rows [9, Cp].
-at::Tensor weight_grad(const std::vector<double>& sums, const Shape& s) {
-  const int64_t Cp = s.padded_channels();
-  std::vector<double> w(s.C * kTaps);
-  for (int64_t c = 0; c < s.C; ++c)
-    for (int64_t t = 0; t < kTaps; ++t) w[c * kTaps + t] = sums[t * Cp + c];
-  return channel_vector(w).view({s.C, 1, 3, 3});
-}
-
-// Row r of summed rows [rows, Cp], the first C channels, as a float32 [C] tensor.
-at::Tensor channel_row(const std::vector<double>& sums, const Shape& s, int64_t r) {
-  const auto first = sums.begin() + r * s.padded_channels();
-  return channel_vector(std::vector<double>(first, first + s.C));
-}
-
 Shape check_images(const char* op, std::initializer_list<std::pair<const at::Tensor*, const char*>> images) {
   const auto [first, first_name] = *images.begin();
   for (auto [t, name] : images) {
@@ -343,27 +319,13 @@ Shape check_images(const char* op, std::initializer_list<std::pair<const at::Ten
   return Shape{first->size(0), first->size(1), first->size(2), first->size(3)};
 }
 
-void check_weight(const char* op, const at::Tensor& w, const char* name, const Shape& s) {
-  TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.is_contiguous() &&
-                  w.sizes() == at::IntArrayRef({s.C, 1, 3, 3}),
-              op, ": ", name, " must be a contiguous float32 [", s.C, ", 1, 3, 3] CPU tensor, got ", w.sizes(),
-              " ", w.scalar_type());
-}
-
-void check_channels(const char* op, const at::Tensor& t, const char* name, int64_t C) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.dim() == 1 && t.size(0) == C &&
-                  t.is_contiguous(),
-              op, ": ", name, " must be a contiguous float32 [", C, "] CPU tensor, got ", t.sizes(), " ",
-              t.scalar_type());
-}
-
 // (c1, mean, biased variance of GELU(c1) per channel) for c1 = conv1(h) = depthwise(h, w1) + b1.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Tensor& h, const at::Tensor& w1,
                                                                     const at::Tensor& b1) {
   const char* op = "fan_dw_forward_stats";
   const Shape s = check_images(op, {{&h, "h"}});
-  check_weight(op, w1, "w1", s);
-  check_channels(op, b1, "b1", s.C);
+  check_float(op, w1, "w1", {s.C, 1, 3, 3});
+  check_float(op, b1, "b1", {s.C});
   const int64_t Cp = s.padded_channels(), HW = s.H * s.W;
   const auto taps = taps_of(w1, s, false), bias = padded(b1, s);
   std::vector<float> part(s.B * 2 * Cp, 0.f);  // per image: the unit's mean and sum of squared deviations
@@ -429,9 +391,9 @@ at::Tensor fan_dw_forward_apply(const at::Tensor& c1, const at::Tensor& scale, c
                                 const at::Tensor& w2, const at::Tensor& b2, const std::optional<at::Tensor>& h) {
   const char* op = "fan_dw_forward_apply";
   const Shape s = h ? check_images(op, {{&c1, "c1"}, {&*h, "h"}}) : check_images(op, {{&c1, "c1"}});
-  check_weight(op, w2, "w2", s);
+  check_float(op, w2, "w2", {s.C, 1, 3, 3});
   for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&b2, "b2"}})
-    check_channels(op, *t, name, s.C);
+    check_float(op, *t, name, {s.C});
   const int64_t Cp = s.padded_channels();
   const auto taps = taps_of(w2, s, false), bias = padded(b2, s), sc = padded(scale, s), sh = padded(shift, s);
   auto out = at::empty_like(c1);
@@ -483,11 +445,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(at::get_overlap_status(grad, c1) == at::MemOverlapStatus::No &&
                   at::get_overlap_status(grad, h) == at::MemOverlapStatus::No,
               op, ": grad (overwritten with dL/dh) must not share memory with c1 or h");
-  check_weight(op, w1, "w1", s);
-  check_weight(op, w2, "w2", s);
+  check_float(op, w1, "w1", {s.C, 1, 3, 3});
+  check_float(op, w2, "w2", {s.C, 1, 3, 3});
   for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},
                          {&shift, "shift"}})
-    check_channels(op, *t, name, s.C);
+    check_float(op, *t, name, {s.C});
   const int64_t Cp = s.padded_channels(), M = s.B * s.H * s.W;
   const auto w1f = taps_of(w1, s, true), w2f = taps_of(w2, s, true), sc = padded(scale, s),
              sh = padded(shift, s), mu = padded(mean, s);
@@ -527,7 +489,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     return 0;
   }, "grad");
-  const auto sums1 = sum_images(part1, s, rows1);
+  const auto sums1 = sum_in_image_order(part1, s.B, rows1 * Cp);
   // dL/dx' = a * gy + b * (x' - mean) + d with a = invstd * w, b = -a * sum_gyx * invstd^2 / M,
   // d = -a * sum_gy / M (as bn_gelu.cpp's backward); dL/dc1 = dL/dx' * GELU'(c1)
   std::vector<float> ca(Cp, 0.f), cb(Cp, 0.f), cd(Cp, 0.f);
@@ -590,10 +552,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     });
     return 0;
   }, "grad");
-  const auto sums2 = sum_images(part2, s, rows2);
-  return {weight_grad(sums2, s),        channel_row(sums2, s, kTaps), channel_vector(grad_weight),
-          channel_vector(grad_bias),    weight_grad(sums1, s),        channel_row(sums1, s, kTaps),
-          channel_row(sums2, s, kTaps + 1)};
+  const auto sums2 = sum_in_image_order(part2, s.B, rows2 * Cp);
+  return {depthwise_weight(sums2, Cp, s.C, 3, 3), sums_row(sums2, Cp, kTaps, s.C), channel_vector(grad_weight),
+          channel_vector(grad_bias),              depthwise_weight(sums1, Cp, s.C, 3, 3),
+          sums_row(sums1, Cp, kTaps, s.C),        sums_row(sums2, Cp, kTaps + 1, s.C)};
 }
 
 }  // namespace

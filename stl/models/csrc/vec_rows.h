@@ -66,12 +66,44 @@ auto dispatch(const at::Tensor& x, const char* op, const F& f, const char* name 
   return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
 }
 
+// Checks that t (weights, statistics, per-channel vectors) is a contiguous float32 CPU tensor of these sizes.
+inline void check_float(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.sizes() == sizes && t.is_contiguous(),
+              op, ": ", name, " must be a contiguous float32 ", sizes, " CPU tensor, got ", t.sizes(), " ",
+              t.scalar_type());
+}
+
 // A float32 [n] tensor of double values.
 inline at::Tensor channel_vector(const std::vector<double>& v) {
   auto t = at::empty({static_cast<int64_t>(v.size())}, at::kFloat);
   float* p = t.data_ptr<float>();
   for (size_t i = 0; i < v.size(); ++i) p[i] = static_cast<float>(v[i]);
   return t;
+}
+
+// Per-image float partial sums [B, n] added up in image order in double: the kernels' sums then do not depend
+// on how images were spread over threads.
+inline std::vector<double> sum_in_image_order(const std::vector<float>& part, int64_t B, int64_t n) {
+  std::vector<double> out(n, 0.0);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n; ++i) out[i] += part[b * n + i];
+  return out;
+}
+
+// Row r of sums laid out [rows, stride], its first C entries, as a float32 [C] tensor.
+inline at::Tensor sums_row(const std::vector<double>& sums, int64_t stride, int64_t r, int64_t C) {
+  const auto first = sums.begin() + r * stride;
+  return channel_vector(std::vector<double>(first, first + C));
+}
+
+// A depthwise conv's weight gradient [C, 1, kh, kw] from tap-major sums [kh * kw, stride] (rows 0..kh*kw-1).
+inline at::Tensor depthwise_weight(const std::vector<double>& sums, int64_t stride, int64_t C, int64_t kh,
+                                   int64_t kw) {
+  const int64_t T = kh * kw;
+  std::vector<double> w(C * T);
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t t = 0; t < T; ++t) w[c * T + t] = sums[t * stride + c];
+  return channel_vector(w).view({C, 1, kh, kw});
 }
 
 }  // namespace stl_cpu

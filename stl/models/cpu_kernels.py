@@ -9,10 +9,11 @@ written in bf16, computed in fp32, as torch's ops do): the FAN MLP's depthwise b
 GELU, BatchNorm in training mode, 3x3 depthwise conv, residual) in two fused passes each way; BatchNorm in
 training mode over channels-last activations with the GELU after it (the FAN-ViT conv stem); the weight and
 bias gradients of the ConvNeXt stem's 7x7 depthwise convs; the GELU backward of fc1 -> GELU -> fc2 MLPs with
-fc1's bias gradient; and FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted
-sum, forward and backward). Elsewhere (inference, CUDA, ``torch.compile``,
-``fused_backward(False)``) the models keep torch's ops. Results match torch's to float rounding, so the switch
-is off by default, like ``fused=True`` AdamW.
+fc1's bias gradient; FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted sum,
+forward and backward); and FAN's self-attention (TokenMixing: per image and head in cache, its matmuls
+through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them). Elsewhere (inference,
+CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
+float rounding (bf16: torch's rounding or finer), so the switch is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~30 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep
@@ -35,14 +36,15 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
-__all__ = ["batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
+__all__ = ["attention", "batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
            "keeps_cpu_kernels_setting", "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = tuple(_CSRC / f for f in ("bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp", "fan_dwconv.cpp"))
+_SOURCES = tuple(_CSRC / f for f in ("attention.cpp", "bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp",
+                                      "fan_dwconv.cpp"))
 _HEADERS = (_CSRC / "vec_rows.h", _CSRC / "gelu.h")
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
@@ -346,6 +348,50 @@ def channel_gate(q: torch.Tensor, x: torch.Tensor, heads: int) -> torch.Tensor:
     dtype torch's ops would give (fp32 unless both are bf16); use where :func:`applies_to_tokens` holds for
     ``q`` and ``x``."""
     return _ChannelGate.apply(q, x, heads)
+
+
+def applies_to_attention(q: torch.Tensor, kv: torch.Tensor) -> bool:
+    """Whether the kernels serve self-attention of the [B, N, C] queries ``q`` and [B, N, 2C] keys and values
+    ``kv``: switched on, contiguous CPU tensors of one dtype, fp32, or bf16 where the CPU multiplies bf16
+    matrices in AMX tiles (elsewhere the kernel's bf16 matmuls would fall back to a slower generic GEMM)."""
+    return (
+        _serves(q)
+        and q.dim() == 3
+        and q.shape[1] > 0
+        and kv.shape == (*q.shape[:2], 2 * q.shape[2])
+        and kv.dtype == q.dtype
+        and q.is_contiguous()
+        and kv.is_contiguous()
+        and (q.dtype == torch.float32 or torch.ops.stl_cpu.attention_packs_bf16())
+    )
+
+
+class _Attention(torch.autograd.Function):
+    """Multi-head self-attention (see :func:`attention`); saves its inputs and two statistics per softmax row,
+    the attention matrix is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, q, kv, heads):  # type: ignore[override]
+        out, stats = torch.ops.stl_cpu.attention(q, kv, heads)
+        ctx.save_for_backward(q, kv, stats)
+        ctx.heads = heads
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        q, kv, stats = ctx.saved_tensors
+        grad = grad.to(q.dtype).contiguous()
+        grad_q, grad_kv = torch.ops.stl_cpu.attention_backward(grad, q, kv, stats, ctx.heads)
+        return grad_q, grad_kv, None
+
+
+def attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """``softmax(q_h k_h^T / sqrt(d)) v_h`` for each head h, as [B, N, C] in ``q``'s dtype, from the queries
+    ``q`` [B, N, C] and ``kv`` [B, N, 2C] (keys, then values) as the linears give them; scores and softmax in
+    fp32, one (image, head) at a time, the attention matrix recomputed in backward. Use where
+    :func:`applies_to_attention` holds."""
+    return _Attention.apply(q, kv, heads)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -684,10 +684,14 @@ class TokenMixing(nn.Module):
         """``scale`` (a layer scale) is folded into the output projection."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q = self.q(x).view(B, N, h, d).transpose(1, 2)
-        k, v = self.kv(x).view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
-        x = _attention(q, k, v, self.attn_drop if self.training else 0.0)
-        x = x.transpose(1, 2).reshape(B, N, C)
+        q, kv = self.q(x), self.kv(x)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if dropout_p == 0.0 and cpu_kernels.applies_to_attention(q, kv) and _records_eager_backward(q, kv):
+            x = cpu_kernels.attention(q, kv, h)
+        else:
+            q = q.view(B, N, h, d).transpose(1, 2)
+            k, v = kv.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+            x = _attention(q, k, v, dropout_p).transpose(1, 2).reshape(B, N, C)
         weight, bias = self.proj.weight, self.proj.bias
         if scale is not None:
             weight, bias = _fold_out_scale(weight, bias, scale)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from stl.models import cpu_kernels, fused_backward
 from stl.models.convnext_stem import ConvNeXtBlock
-from stl.models.layers import ChannelProcessing, ConvPatchEmbed, DWConv, FanMlp, GeluMlp
+from stl.models.layers import ChannelProcessing, ConvPatchEmbed, DWConv, FanMlp, GeluMlp, TokenMixing
 
 _T = TypeVar("_T")
 
@@ -293,6 +293,93 @@ def test_channel_gate_names_wrong_arguments(kernels: None) -> None:
     assert not cpu_kernels.applies_to_tokens(q, q.transpose(1, 2).contiguous().transpose(1, 2))
     assert not cpu_kernels.applies_to_tokens(q[:, :0], q[:, :0])
     assert cpu_kernels.applies_to_tokens(q.bfloat16(), q)
+
+
+def _torch_attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
+    B, N, C = q.shape
+    d = C // heads
+    q = q.view(B, N, heads, d).transpose(1, 2)
+    k, v = kv.view(B, N, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    attn = ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)  # torch's bf16 route in TokenMixing
+    return (attn @ v).transpose(1, 2).reshape(B, N, C)
+
+
+# ViT-T's 4 heads of 48 over 196 tokens; 32 px (4 tokens); odd token counts (a bf16 matmul's K padded);
+# heads of 20 (a vector and a tail) and of 130 channels (three column blocks); one token
+@pytest.mark.parametrize(("B", "N", "C", "heads"), [(2, 196, 192, 4), (1, 4, 192, 4), (1, 49, 48, 2),
+                                                    (2, 7, 40, 2), (3, 5, 24, 1), (2, 70, 130, 1),
+                                                    (2, 1, 16, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_is_as_accurate_as_torch(kernels: None, B: int, N: int, C: int, heads: int,
+                                           dtype: torch.dtype) -> None:
+    """Self-attention and its gradients against float64 of the same inputs, largest error of the output, q's
+    gradient and kv's: as accurate as torch's ops on them (fp32: up to 2x their error, measured 0.56-1.42x;
+    bf16: ours keeps the scores in fp32, measured 0.14-0.72x)."""
+    torch.manual_seed(N + C)
+    q = (torch.randn(B, N, C) * 2).to(dtype).requires_grad_()  # peaked softmaxes
+    kv = (torch.randn(B, N, 2 * C) * 2).to(dtype).requires_grad_()
+    grad = torch.randn(B, N, C).to(dtype)
+    out = cpu_kernels.attention(q, kv, heads)
+    out.backward(grad)
+    assert out.dtype == q.grad.dtype == kv.grad.dtype == dtype and out.shape == (B, N, C)
+    exact_q, exact_kv = (t.detach().double().requires_grad_() for t in (q, kv))
+    exact = _torch_attention(exact_q, exact_kv, heads)
+    exact.backward(grad.double())
+    torch_q, torch_kv = (t.detach().clone().requires_grad_() for t in (q, kv))
+    theirs = _torch_attention(torch_q, torch_kv, heads)
+    theirs.backward(grad)
+    results = ((out, theirs, exact), (q.grad, torch_q.grad, exact_q.grad),
+               (kv.grad, torch_kv.grad, exact_kv.grad))
+    # (one token: q's gradient is 0 exactly, ours is rounding noise; the floor is relative to all results)
+    floor = 1e-6 * max(float(want.detach().abs().max()) for *_, want in results)
+    for got, torch_got, want in results:
+        err, torch_err = (float((v.detach().double() - want.detach()).abs().max()) for v in (got, torch_got))
+        assert err <= 2 * torch_err + floor, (err, torch_err)
+
+
+def test_attention_does_not_depend_on_the_thread_count(kernels: None) -> None:
+    q, kv, grad = torch.randn(3, 50, 24), torch.randn(3, 50, 48), torch.randn(3, 50, 24)
+
+    def step(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        q_, kv_ = (t.to(dtype, copy=True).requires_grad_() for t in (q, kv))
+        out = cpu_kernels.attention(q_, kv_, 2)
+        out.backward(grad.to(dtype))
+        return out, q_.grad, kv_.grad
+
+    for dtype in (torch.float32, torch.bfloat16):
+        for a, b in zip(*_on_one_and_two_threads(lambda: step(dtype)), strict=True):  # noqa: B023
+            assert torch.equal(a, b)
+
+
+def test_attention_names_wrong_arguments(kernels: None) -> None:
+    q, kv = torch.randn(2, 5, 12), torch.randn(2, 5, 24)
+    with pytest.raises(RuntimeError, match="attention: 12 channels do not split into 5 heads"):
+        torch.ops.stl_cpu.attention(q, kv, 5)
+    with pytest.raises(RuntimeError, match=r"kv must be a contiguous \[2, 5, 24\] CPU tensor, got \[2, 5,"):
+        torch.ops.stl_cpu.attention(q, q, 2)
+    with pytest.raises(RuntimeError, match="kv must have q's dtype Float, got BFloat16"):
+        torch.ops.stl_cpu.attention(q, kv.bfloat16(), 2)
+    with pytest.raises(RuntimeError, match=r"q must be a contiguous \[B, N, C\] CPU tensor with N > 0"):
+        torch.ops.stl_cpu.attention(q[:, :0], kv[:, :0], 2)
+    with pytest.raises(RuntimeError, match="q must be float32 or bfloat16, got Half"):
+        torch.ops.stl_cpu.attention(q.half(), kv.half(), 2)
+    out, stats = torch.ops.stl_cpu.attention(q, kv, 2)
+    assert stats.shape == (2, 2, 5, 2) and stats.dtype == torch.float32
+    with pytest.raises(RuntimeError, match=r"stats must be a contiguous float32 \[2, 2, 5, 2\] CPU tensor"):
+        torch.ops.stl_cpu.attention_backward(out, q, kv, stats[:, :1].contiguous(), 2)
+    with pytest.raises(RuntimeError, match="grad must have q's dtype Float, got BFloat16"):
+        torch.ops.stl_cpu.attention_backward(out.bfloat16(), q, kv, stats, 2)
+    assert cpu_kernels.applies_to_attention(q, kv)
+    assert not cpu_kernels.applies_to_attention(q, kv[..., :12].contiguous())  # not [B, N, 2C]
+    assert not cpu_kernels.applies_to_attention(q, kv.bfloat16())
+    assert not cpu_kernels.applies_to_attention(q.half(), kv.half())
+    assert not cpu_kernels.applies_to_attention(q.transpose(0, 1).contiguous().transpose(0, 1), kv)
+    assert not cpu_kernels.applies_to_attention(q[:, :0], kv[:, :0])
+    # bf16 only where the matmuls use AMX tiles (elsewhere the kernel runs, but slower than torch's ops)
+    amx = torch.ops.stl_cpu.attention_packs_bf16()
+    assert cpu_kernels.applies_to_attention(q.bfloat16(), kv.bfloat16()) is amx
+    cpu_kernels._set(False)
+    assert not cpu_kernels.applies_to_attention(q, kv)
 
 
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
@@ -574,11 +661,17 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
-    its bias sum ("gelu") and each channel gate ("gate")."""
+    its bias sum ("gelu"), each channel gate ("gate") and each self-attention ("attention")."""
     calls: list[str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
     gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
-    dwconv = cpu_kernels.fan_dw_forward
+    dwconv, attention = cpu_kernels.fan_dw_forward, cpu_kernels.attention
+
+    def counted_attention(*args, **kwargs):
+        calls.append("attention")
+        return attention(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "attention", counted_attention)
 
     def counted(*args, **kwargs):
         calls.append("bn")
@@ -622,9 +715,10 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     cpu_kernels._set(True)
     out_f, grads_f = _model_step(fused, x, y)
     blocks = len(plain.blocks)
-    # every FAN block's channel gate and MLP (its depthwise block); FAN-ViT's stem too (four BatchNorms,
-    # three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
+    # every FAN block's attention, channel gate and MLP (its depthwise block); FAN-ViT's stem too (four
+    # BatchNorms, three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == blocks
+    assert kernel_calls.count("attention") == blocks
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
@@ -681,6 +775,8 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
         cpu_kernels._set(True)
         out_f, grads_f = _model_step(fused, x, y)
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == len(plain.blocks)  # on bf16 images
+    # (bf16 attention where the CPU has AMX tiles for its matmuls)
+    assert kernel_calls.count("attention") == len(plain.blocks) * torch.ops.stl_cpu.attention_packs_bf16()
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
@@ -727,13 +823,20 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     with torch.no_grad():  # inference in training mode
         model(x)
     assert kernel_calls == []
-    model.eval()(x)  # eval mode recording autograd: the channel gates (no BatchNorm in training mode)
-    assert kernel_calls == ["gate"] * len(model.blocks)
+    model.eval()(x)  # eval mode recording autograd: attention, channel gates (no BatchNorm in training mode)
+    assert kernel_calls == ["attention", "gate"] * len(model.blocks)
     kernel_calls.clear()
-    # a model cast to bf16: no BatchNorm kernels (bf16 parameters); the channel gates (in bf16, as torch's ops
-    # give them) and the class-attention MLPs' GELU backward
+    # a model cast to bf16: no BatchNorm kernels (bf16 parameters); attention where AMX serves it, the channel
+    # gates (in bf16, as torch's ops give them) and the class-attention MLPs' GELU backward
     _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)
-    assert kernel_calls == ["gate"] * len(model.blocks) + ["gelu"] * len(model.cls_attn_blocks)
+    per_block = ["attention", "gate"] if torch.ops.stl_cpu.attention_packs_bf16() else ["gate"]
+    assert kernel_calls == per_block * len(model.blocks) + ["gelu"] * len(model.cls_attn_blocks)
+    kernel_calls.clear()
+    mixing = TokenMixing(16, num_heads=2, attn_drop=0.1)  # attention dropout in training: torch's ops
+    mixing(torch.randn(2, 5, 16, requires_grad=True)).sum().backward()
+    assert kernel_calls == []
+    mixing.eval()(torch.randn(2, 5, 16, requires_grad=True)).sum().backward()
+    assert kernel_calls == ["attention"]
     kernel_calls.clear()
     mlp = FanMlp(8, 16).train()  # a module outside a model: the same rule
     mlp(torch.randn(2, 12, 8, requires_grad=True), 3, 4).sum().backward()

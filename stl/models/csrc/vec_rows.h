@@ -43,11 +43,32 @@ STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
 #endif
   at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
 }
+// Stores v rounded to the element type (n lanes) and returns the stored values as floats: one conversion
+// where storing and round_to would take two.
+STL_INLINE Vec store_rounded(const Vec& v, float* p, int64_t n) {
+  store(v, p, n);
+  return v;
+}
+STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n);
 // v rounded to T, as a value stored in T and read back
 template <typename T>
 STL_INLINE Vec round_to(const Vec& v) {
   if constexpr (std::is_same_v<T, float>) return v;
   else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+}
+
+STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == kV) {
+    const __m256i b = at::vec::cvtfp32_bf16(__m512(v));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
+    __m512 out;
+    at::vec::cvtbf16_fp32(b, out);
+    return out;
+  }
+#endif
+  store(v, p, n);
+  return round_to<BFloat16>(v);
 }
 
 // Calls f(c, n) for channel offsets c in vector steps; n < kV only for the tail.

@@ -241,13 +241,26 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_inputs(const char* op, cons
   return {B, N, C, C / heads};
 }
 
-// Runs f(head, unit) for the B * heads (image, head) units over ATen's threads, one workspace per thread.
-template <typename T, typename F>
-void for_heads(int64_t B, int64_t N, int64_t d, int64_t heads, const F& f) {
+// Asks for an (image, head)'s N rows of d values (row stride ld) in cache: a head's rows are short pieces of
+// rows far apart, which the transposes would otherwise read at memory latency, one at a time.
+template <typename T>
+void prefetch_rows(const T* p, int64_t N, int64_t d, int64_t ld) {
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t i = 0; i < d * static_cast<int64_t>(sizeof(T)); i += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(p + r * ld) + i, 0, 2);
+}
+
+// Runs f(b, h, unit) for the B * heads (image, head) units over ATen's threads, one workspace per thread;
+// prefetch(b, h) first for the thread's next unit, so its inputs arrive while this one computes.
+template <typename T, typename F, typename P>
+void for_heads(int64_t B, int64_t N, int64_t d, int64_t heads, const F& f, const P& prefetch) {
   at::parallel_for(0, B * heads, 1, [&](int64_t begin, int64_t end) {
     Gemm<T> gemm(std::max(N, d), d);
     Workspace<T> w(N, d, gemm.vnni());
-    for (int64_t u = begin; u < end; ++u) f(u / heads, u % heads, u, w, gemm);
+    for (int64_t u = begin; u < end; ++u) {
+      if (u + 1 < end) prefetch((u + 1) / heads, (u + 1) % heads);
+      f(u / heads, u % heads, u, w, gemm);
+    }
   });
 }
 
@@ -261,11 +274,16 @@ std::tuple<at::Tensor, at::Tensor> attention(const at::Tensor& q, const at::Tens
     const T *qp = q.data_ptr<T>(), *kvp = kv.data_ptr<T>();
     T* op = out.data_ptr<T>();
     float* sp = stats.data_ptr<float>();
+    const auto fetch = [&](int64_t b, int64_t h) {
+      prefetch_rows(qp + b * N * C + h * d, N, d, C);
+      prefetch_rows(kvp + b * N * 2 * C + h * d, N, d, 2 * C);
+      prefetch_rows(kvp + b * N * 2 * C + C + h * d, N, d, 2 * C);
+    };
     for_heads<T>(B, N, d, heads, [&](int64_t b, int64_t h, int64_t u, Workspace<T>& w, Gemm<T>& gemm) {
       const T* k = kvp + b * N * 2 * C + h * d;
       forward_head(Head<T>{qp + b * N * C + h * d, k, k + C, C}, op + b * N * C + h * d, sp + u * N * 2, scale, w,
                    gemm);
-    });
+    }, fetch);
     return 0;
   }, "q");
   return {out, stats};
@@ -285,11 +303,17 @@ std::tuple<at::Tensor, at::Tensor> attention_backward(const at::Tensor& grad, co
     const T *qp = q.data_ptr<T>(), *kvp = kv.data_ptr<T>(), *gp = grad.data_ptr<T>();
     T *gq = grad_q.data_ptr<T>(), *gkv = grad_kv.data_ptr<T>();
     const float* sp = stats.data_ptr<float>();
+    const auto fetch = [&](int64_t b, int64_t h) {
+      prefetch_rows(qp + b * N * C + h * d, N, d, C);
+      prefetch_rows(gp + b * N * C + h * d, N, d, C);
+      prefetch_rows(kvp + b * N * 2 * C + h * d, N, d, 2 * C);
+      prefetch_rows(kvp + b * N * 2 * C + C + h * d, N, d, 2 * C);
+    };
     for_heads<T>(B, N, d, heads, [&](int64_t b, int64_t h, int64_t u, Workspace<T>& w, Gemm<T>& gemm) {
       const int64_t row = b * N * C + h * d, kv_row = b * N * 2 * C + h * d;
       backward_head(Head<T>{qp + row, kvp + kv_row, kvp + kv_row + C, C}, gp + row, sp + u * N * 2, scale,
                     gq + row, gkv + kv_row, gkv + kv_row + C, w, gemm);
-    });
+    }, fetch);
     return 0;
   }, "q");
   return {grad_q, grad_kv};

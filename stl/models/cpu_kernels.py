@@ -70,6 +70,8 @@ def _build() -> str | None:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
         capability = torch.backends.cpu.get_cpu_capability()
         vector_flags = _CAPABILITY_FLAGS.get(capability, ["-DCPU_CAPABILITY=DEFAULT"])
+        if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported():
+            vector_flags = [*vector_flags, "-mavx512bf16"]  # bf16 rounding in one instruction (vec_rows.h)
         flags = ["-O3", "-fopenmp", *_INLINE_FLAGS, *vector_flags]
         # one build per source, flags, torch and environment: the cache directory is shared by every
         # environment on the machine, and a build against other torch headers must not replace this one

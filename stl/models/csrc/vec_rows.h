@@ -35,9 +35,22 @@ STL_INLINE Vec load(const BFloat16* p, int64_t n) {
   }
   return std::get<0>(at::vec::convert_bfloat16_float(BVec::loadu(p, n)));
 }
+#if defined(CPU_CAPABILITY_AVX512)
+// One vector rounded to bf16 (to nearest even; ATen's generic conversion takes two): one instruction where the
+// build targets AVX512-BF16 (cpu_kernels.py adds -mavx512bf16 where the CPU has it; it reads float denormals,
+// below 1.2e-38, as 0), else ATen's integer emulation.
+STL_INLINE __m256i bf16_bits(const __m512& v) {
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  return at::vec::cvtfp32_bf16(v);
+#endif
+}
+#endif
+
 STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
-#if defined(CPU_CAPABILITY_AVX512)  // one vector's conversion (ATen's generic one converts two)
-  if (n == kV) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == kV) return _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_bits(v));
 #elif defined(CPU_CAPABILITY_AVX2)
   if (n == kV) return _mm_storeu_si128(reinterpret_cast<__m128i*>(p), at::vec::cvtfp32_bf16(__m256(v)));
 #endif
@@ -53,14 +66,23 @@ STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n);
 // v rounded to T, as a value stored in T and read back
 template <typename T>
 STL_INLINE Vec round_to(const Vec& v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 out;
+    at::vec::cvtbf16_fp32(bf16_bits(v), out);
+    return out;
+#else
+    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(v, v)));
+#endif
+  }
 }
 
 STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (n == kV) {
-    const __m256i b = at::vec::cvtfp32_bf16(__m512(v));
+    const __m256i b = bf16_bits(v);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b);
     __m512 out;
     at::vec::cvtbf16_fp32(b, out);

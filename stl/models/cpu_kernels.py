@@ -10,8 +10,9 @@ GELU, BatchNorm in training mode, 3x3 depthwise conv, residual) in two fused pas
 training mode over channels-last activations with the GELU after it (the FAN-ViT conv stem); the weight and
 bias gradients of the ConvNeXt stem's 7x7 depthwise convs; the GELU backward of fc1 -> GELU -> fc2 MLPs with
 fc1's bias gradient; FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted sum,
-forward and backward); and FAN's self-attention (TokenMixing: per image and head in cache, its matmuls
-through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them). Elsewhere (inference,
+forward and backward); FAN's self-attention (TokenMixing: per image and head in cache, its matmuls
+through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them); and a FAN block's two
+residual adds (one pass each way, the channel branch's gate gradient summed in it). Elsewhere (inference,
 CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
 float rounding (bf16: torch's rounding or finer), so the switch is off by default, like ``fused=True`` AdamW.
 
@@ -37,14 +38,14 @@ from typing import ParamSpec, TypeVar
 import torch
 
 __all__ = ["attention", "batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
-           "keeps_cpu_kernels_setting", "use_cpu_kernels"]
+           "keeps_cpu_kernels_setting", "residual", "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = tuple(_CSRC / f for f in ("attention.cpp", "bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp",
-                                      "fan_dwconv.cpp"))
+                                      "fan_dwconv.cpp", "residual.cpp"))
 _HEADERS = (_CSRC / "vec_rows.h", _CSRC / "gelu.h")
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
@@ -394,6 +395,33 @@ def attention(q: torch.Tensor, kv: torch.Tensor, heads: int) -> torch.Tensor:
     fp32, one (image, head) at a time, the attention matrix recomputed in backward. Use where
     :func:`applies_to_attention` holds."""
     return _Attention.apply(q, kv, heads)
+
+
+class _Residual(torch.autograd.Function):
+    """``x + v * gate`` (or ``x + v``) in one pass each way; saves ``v`` and the gate."""
+
+    @staticmethod
+    def forward(ctx, x, v, gate):  # type: ignore[override]
+        ctx.save_for_backward(v if gate is not None else None, gate)
+        ctx.dtypes = (x.dtype, v.dtype)
+        return torch.ops.stl_cpu.residual(x, v, gate)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        v, gate = ctx.saved_tensors
+        x_dtype, v_dtype = ctx.dtypes
+        if gate is None:
+            return grad.to(x_dtype), grad.to(v_dtype), None
+        grad_v, grad_gate = torch.ops.stl_cpu.residual_backward(grad.contiguous(), v, gate)
+        return grad.to(x_dtype), grad_v, grad_gate
+
+
+def residual(x: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    """``x + v * gate`` for [B, N, C] tokens ``x``, ``v`` and a float32 [B, 1, C] ``gate`` (``x + v`` without
+    one), computed in fp32, in the dtype torch's ops give; use where :func:`applies_to_tokens` holds for ``x``
+    and ``v`` (and ``gate`` is a contiguous float32 [B, 1, C] CPU tensor)."""
+    return _Residual.apply(x, v, gate)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -856,6 +856,16 @@ class OverlapPatchEmbed(nn.Module):
         return self.norm(_image_to_tokens(x)), H, W
 
 
+def _kernels_add(x: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None) -> bool:
+    """Whether the kernels add a FAN block's branch ``v`` (times its [B, 1, C] ``gate``) to ``x``."""
+    return (
+        cpu_kernels.applies_to_tokens(x, v)
+        and (gate is None or (gate.dtype == torch.float32 and gate.shape == (x.shape[0], 1, x.shape[2])
+                              and gate.is_contiguous()))
+        and _records_eager_backward(x, v)
+    )
+
+
 class FANBlock(nn.Module):
     """Pre-norm FAN block: token mixing then channel processing, each with layer scale and drop path.
 
@@ -897,16 +907,25 @@ class FANBlock(nn.Module):
             drop=drop,
         )
 
+    def _drops_paths(self) -> bool:
+        return self.training and isinstance(self.drop_path, DropPath)
+
     def _channel_branch(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x + drop_path(gamma2 * mlp(norm2(x))), with gamma2 folded into the channel gate."""
         v, gate = self.mlp.gated_value(self.norm2(x), H, W, scale=self.gamma2)
-        if self.training and isinstance(self.drop_path, DropPath):
+        if self._drops_paths():
             return x + self.drop_path(v * gate)
+        if _kernels_add(x, v, gate):
+            return cpu_kernels.residual(x, v, gate)
         return torch.addcmul(x, v, gate)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int]:
         # layer scales are folded into the last linear op of each branch (saves full passes over x)
-        x = x + self.drop_path(self.attn(self.norm1(x), scale=self.gamma1))
+        y = self.attn(self.norm1(x), scale=self.gamma1)
+        if not self._drops_paths() and _kernels_add(x, y):
+            x = cpu_kernels.residual(x, y)
+        else:
+            x = x + self.drop_path(y)
         x = self._channel_branch(x, H, W)
         if self.downsample is not None:
             x, H, W = self.downsample(x, H, W)

@@ -382,6 +382,48 @@ def test_attention_names_wrong_arguments(kernels: None) -> None:
     assert not cpu_kernels.applies_to_attention(q, kv)
 
 
+@pytest.mark.parametrize("gated", [True, False])
+@pytest.mark.parametrize(("x_dtype", "v_dtype"), [(torch.float32, torch.float32),
+                                                  (torch.float32, torch.bfloat16),
+                                                  (torch.bfloat16, torch.bfloat16)])
+def test_residual_matches_torch(kernels: None, gated: bool, x_dtype: torch.dtype,
+                                v_dtype: torch.dtype) -> None:
+    """A FAN block's residual add (x + v * gate, or x + v) and its gradients: torch's dtypes and, to one
+    rounding (a fused multiply-add), torch's values; the gate's gradient, a sum over the tokens, to float
+    rounding. 20 channels: vector tails."""
+    torch.manual_seed(0)
+    x0, v0 = torch.randn(3, 7, 20).to(x_dtype), torch.randn(3, 7, 20).to(v_dtype)
+    gate0 = torch.rand(3, 1, 20) if gated else None
+    grad = torch.randn(3, 7, 20)
+    results = []
+    for fn in (cpu_kernels.residual, lambda x, v, g: x + v if g is None else torch.addcmul(x, v, g)):
+        x, v = x0.clone().requires_grad_(), v0.clone().requires_grad_()
+        gate = gate0.clone().requires_grad_() if gated else None
+        out = fn(x, v, gate)
+        out.backward(grad.to(out.dtype))
+        results.append((out.detach(), x.grad, v.grad) + ((gate.grad,) if gated else ()))
+    ours, theirs = results
+    for got, want in zip(ours[:3], theirs[:3], strict=True):
+        assert got.dtype == want.dtype
+        ulp = 2.0**-7 if got.dtype == torch.bfloat16 else 2.0**-23
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * float(want.abs().max()))
+    if gated:
+        torch.testing.assert_close(ours[3], theirs[3], rtol=1e-6, atol=1e-6)
+
+
+def test_residual_does_not_depend_on_the_thread_count_and_names_wrong_arguments(kernels: None) -> None:
+    x, v, grad = torch.randn(5, 50, 24), torch.randn(5, 50, 24), torch.randn(5, 50, 24)
+    gate = torch.rand(5, 1, 24)
+    one, two = _on_one_and_two_threads(lambda: torch.ops.stl_cpu.residual_backward(grad, v, gate))
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+    with pytest.raises(RuntimeError, match=r"residual: v must be a contiguous \[5, 50, 24\] CPU tensor, got"):
+        torch.ops.stl_cpu.residual(x, v[:, :4].contiguous(), gate)
+    with pytest.raises(RuntimeError, match=r"gate must be a contiguous float32 \[5, 1, 24\] CPU tensor"):
+        torch.ops.stl_cpu.residual(x, v, gate.bfloat16())
+    with pytest.raises(RuntimeError, match="v must be float32 or bfloat16, got Half"):
+        torch.ops.stl_cpu.residual_backward(grad, v.half(), gate)
+
+
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
     """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
     bn, ref_bn = _bn(8), _bn(8)
@@ -661,17 +703,23 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
-    its bias sum ("gelu"), each channel gate ("gate") and each self-attention ("attention")."""
+    its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention") and each residual
+    add of a FAN block's branch ("residual")."""
     calls: list[str] = []
     forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
     gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
-    dwconv, attention = cpu_kernels.fan_dw_forward, cpu_kernels.attention
+    dwconv, attention, residual = cpu_kernels.fan_dw_forward, cpu_kernels.attention, cpu_kernels.residual
 
     def counted_attention(*args, **kwargs):
         calls.append("attention")
         return attention(*args, **kwargs)
 
+    def counted_residual(*args, **kwargs):
+        calls.append("residual")
+        return residual(*args, **kwargs)
+
     monkeypatch.setattr(cpu_kernels, "attention", counted_attention)
+    monkeypatch.setattr(cpu_kernels, "residual", counted_residual)
 
     def counted(*args, **kwargs):
         calls.append("bn")
@@ -719,6 +767,7 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     # BatchNorms, three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == blocks
     assert kernel_calls.count("attention") == blocks
+    assert kernel_calls.count("residual") == 2 * blocks
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
@@ -823,14 +872,19 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     with torch.no_grad():  # inference in training mode
         model(x)
     assert kernel_calls == []
-    model.eval()(x)  # eval mode recording autograd: attention, channel gates (no BatchNorm in training mode)
-    assert kernel_calls == ["attention", "gate"] * len(model.blocks)
+    model.eval()(x)  # eval mode recording autograd: all but the BatchNorms (none in training mode)
+    assert kernel_calls == ["attention", "residual", "gate", "residual"] * len(model.blocks)
     kernel_calls.clear()
     # a model cast to bf16: no BatchNorm kernels (bf16 parameters); attention where AMX serves it, the channel
-    # gates (in bf16, as torch's ops give them) and the class-attention MLPs' GELU backward
+    # gates and token-mixing residuals (in bf16, as torch's ops give them; the channel branch's add has a bf16
+    # gate: torch's ops) and the class-attention MLPs' GELU backward
     _model_step(copy.deepcopy(model).to(torch.bfloat16), x.to(torch.bfloat16), y)
-    per_block = ["attention", "gate"] if torch.ops.stl_cpu.attention_packs_bf16() else ["gate"]
+    per_block = ["attention"] * torch.ops.stl_cpu.attention_packs_bf16() + ["residual", "gate"]
     assert kernel_calls == per_block * len(model.blocks) + ["gelu"] * len(model.cls_attn_blocks)
+    kernel_calls.clear()
+    dropping = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32, drop_path_rate=0.1)
+    _model_step(dropping.train(), x, y)  # drop path in training: torch's adds
+    assert "residual" not in kernel_calls and kernel_calls.count("gate") == len(model.blocks)
     kernel_calls.clear()
     mixing = TokenMixing(16, num_heads=2, attn_drop=0.1)  # attention dropout in training: torch's ops
     mixing(torch.randn(2, 5, 16, requires_grad=True)).sum().backward()

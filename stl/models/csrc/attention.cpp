@@ -12,12 +12,15 @@
 // for the head split and merge; SDPA's flash kernel is no faster in fp32 and 3x slower in bf16 backward. Here
 // one (image, head) at a time stays in L2 through all its matmuls, which go through ATen's batch-reduce GEMM
 // (oneDNN's brgemm ukernel; with AMX tiles for bf16 where the CPU has them), and the attention matrix is
-// recomputed in backward from the saved log-sum-exp of each row instead of being stored.
+// recomputed in backward from two saved statistics per row (scale * row max, 1 / sum of exponentials), which
+// reproduce the forward's probabilities. Per block at FAN-ViT-T's [16, 196, 192], 4 heads, 2 threads,
+// forward + backward: fp32 7.3-8.3 ms against 9.7-11.2 for SDPA's flash kernel, bf16 3.9-4.4 against 6.3-10.2
+// for torch's matmuls and softmax.
 //
-// Numerics: scores, softmax and every matmul's accumulation are fp32. In bf16 the probabilities P and their
-// gradient dS are rounded to bf16 as matmul inputs and the outputs to bf16 (torch's ops store those in bf16
-// too, and its scores as well). Each (image, head) is computed by one thread: results do not depend on the
-// thread count.
+// Numerics: scores, softmax and every matmul's accumulation are fp32. In bf16 the probabilities P (the
+// forward's unnormalised: the output rows are divided by their sums) and their gradient dS are rounded to
+// bf16 as matmul inputs and the outputs to bf16 (torch's ops store those in bf16 too, and its scores as
+// well). Each (image, head) is computed by one thread: results do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>

@@ -14,7 +14,8 @@ forward and backward); FAN's self-attention (TokenMixing: per image and head in 
 through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them); and a FAN block's two
 residual adds (one pass each way, the channel branch's gate gradient summed in it). Elsewhere (inference,
 CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
-float rounding (bf16: torch's rounding or finer), so the switch is off by default, like ``fused=True`` AdamW.
+float rounding (bf16: torch's rounding or finer; built for AVX512-BF16, bf16 stores flush values below 1.2e-38
+to zero), so the switch is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~30 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep

@@ -686,7 +686,8 @@ class TokenMixing(nn.Module):
         h, d = self.num_heads, self.head_dim
         q, kv = self.q(x), self.kv(x)
         dropout_p = self.attn_drop if self.training else 0.0
-        if dropout_p == 0.0 and cpu_kernels.applies_to_attention(q, kv) and _records_eager_backward(q, kv):
+        # (eager first: applies_to_attention asks an op, which torch.compile would break its graph on)
+        if dropout_p == 0.0 and _records_eager_backward(q, kv) and cpu_kernels.applies_to_attention(q, kv):
             x = cpu_kernels.attention(q, kv, h)
         else:
             q = q.view(B, N, h, d).transpose(1, 2)

@@ -12,7 +12,7 @@
 // for the head split and merge; SDPA's flash kernel is no faster in fp32 and 3x slower in bf16 backward. Here
 // one (image, head) at a time stays in L2 through all its matmuls, which go through ATen's batch-reduce GEMM
 // (oneDNN's brgemm ukernel; with AMX tiles for bf16 where the CPU has them), and the attention matrix is
-// recomputed in backward from two saved statistics per row (scale * row max, 1 / sum of exponentials), which
+// recomputed in backward from two saved statistics per row (the row max, 1 / the sum of exponentials), which
 // reproduce the forward's probabilities. Per block at FAN-ViT-T's [16, 196, 192], 4 heads, 2 threads,
 // forward + backward: fp32 7.3-8.3 ms against 9.7-11.2 for SDPA's flash kernel, bf16 3.9-4.4 against 6.3-10.2
 // for torch's matmuls and softmax.
@@ -147,19 +147,28 @@ struct Workspace {
   }
 };
 
-// One row of exp(scale * s - scale * max s) from the scores s (N of them), stored to p rounded to T; the row's
-// statistics into stats[2]: scale * max s and 1 / the sum of the exponentials (p / that sum is the softmax).
+// exp(scale * (s - max)) of n (<= kV) scores; lanes past n are 0 (a partial load's zeros would give
+// exp(-scale * max), which overflows for rows of very negative scores). The difference is taken before
+// scaling: the max itself then gives exactly 1, however large the scores (a fused scale * s - scale * max
+// would not).
+template <typename T>
+STL_INLINE Vec exp_shifted(const float* s, int64_t n, const Vec& mx, const Vec& scale) {
+  const Vec e = exp_for<T>((load(s, n) - mx) * scale);
+  return n == kV ? e : Vec::set(Vec(0.f), e, n);
+}
+
+// One row of exp(scale * (s - max s)) from the scores s (N of them), stored to p rounded to T; the row's
+// statistics into stats[2]: max s and 1 / the sum of the exponentials (p / that sum is the softmax).
 template <typename T>
 void exp_row(const float* s, int64_t N, float scale, T* p, float* stats) {
   const float mx = at::vec::reduce_all<float>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, s, N);
-  const Vec vscale(scale), shift(scale * mx);
   Vec sum(0.f);
   for_channels(N, [&](int64_t j, int64_t n) {
-    const Vec e = exp_for<T>(load(s + j, n) * vscale - shift);
+    const Vec e = exp_shifted<T>(s + j, n, Vec(mx), Vec(scale));
     store(e, p + j, n);
-    sum += n == kV ? e : Vec::set(Vec(0.f), e, n);
+    sum += e;
   });
-  stats[0] = scale * mx;
+  stats[0] = mx;
   stats[1] = 1.f / at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, sum);
 }
 
@@ -194,17 +203,16 @@ void backward_head(const Head<T>& x, const T* grad, const float* stats, float sc
   // the scores again, and dP = dO V^T
   gemm(N, N, d, x.q, C, w.transposed(x.k, 2 * C), ld, S, ld);
   gemm(N, N, d, grad, C, w.transposed(x.v, 2 * C), ld, dP, ld);
-  // P = exp(scale S - scale max S) / sum, as forward computed it (stored rounded to T), then dS = P (dP - delta)
+  // P = exp(scale (S - max S)) / sum, as forward computed it (stored rounded to T), then dS = P (dP - delta)
   // with the softmax backward's row terms delta = sum_j P dP (from this P: each row of dS sums to ~0, as the
   // softmax's gradient must)
   const Vec vscale(scale);
   for (int64_t r = 0; r < N; ++r) {
-    const Vec shift(stats[2 * r]), inv_sum(stats[2 * r + 1]);
+    const Vec mx(stats[2 * r]), inv_sum(stats[2 * r + 1]);
     Vec acc(0.f);
     for_channels(N, [&](int64_t j, int64_t n) {
       const int64_t o = r * ld + j;
-      const Vec p = exp_for<T>(load(S + o, n) * vscale - shift) * inv_sum;
-      acc += store_rounded(p, P + o, n) * load(dP + o, n);
+      acc += store_rounded(exp_shifted<T>(S + o, n, mx, vscale) * inv_sum, P + o, n) * load(dP + o, n);
     });
     const Vec delta(at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc));
     for_channels(N, [&](int64_t j, int64_t n) {

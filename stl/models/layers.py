@@ -523,8 +523,9 @@ class _FanMlpFunction(torch.autograd.Function):
             grad_bn_out, grad_c2w, grad_c2b = torch.ops.aten.convolution_backward(
                 grad_s_img, bn_out, c2w, [hidden], *conv, mask
             )
+            bn_mask = [True, *ctx.needs_input_grad[5:7]]  # no weight or bias grads for an affine=False BN
             grad_act, grad_bn_w, grad_bn_b = torch.ops.aten.native_batch_norm_backward(
-                grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps, mask
+                grad_bn_out, act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_training, eps, bn_mask
             )
             del grad_bn_out
             grad_c1 = torch.ops.aten.gelu_backward.grad_input(grad_act, c1, grad_input=c1)

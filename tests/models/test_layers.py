@@ -144,6 +144,23 @@ def test_fan_mlp_fused_training_path_matches_plain_ops(residual: bool, bn_train:
         torch.testing.assert_close(buf, dict(plain.named_buffers())[name], msg=name)
 
 
+def test_fan_mlp_fused_with_a_batch_norm_without_affine_parameters() -> None:
+    """An ``affine=False`` BatchNorm (no weight or bias to give gradients to) trains as the plain ops do."""
+    fused, plain = _fan_mlp_pair(residual=True)
+    for m in (fused, plain):
+        m.dwconv.bn = torch.nn.BatchNorm2d(24, affine=False)
+        m.train()
+    assert fused._use_fused(torch.ones(1, requires_grad=True))
+    x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out)
+    out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out)
+    torch.testing.assert_close(out_f, out_p)
+    torch.testing.assert_close(gx_f, gx_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+
+
 def test_fan_mlp_fused_under_bf16_autocast() -> None:
     fused, plain = _fan_mlp_pair(True)
     x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)

@@ -739,47 +739,21 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention") and each residual
     add of a FAN block's branch ("residual")."""
     calls: list[str] = []
-    forward, depthwise = cpu_kernels.bn_train_forward, cpu_kernels.depthwise_weight_grad
-    gelu_backward, gate = cpu_kernels.gelu_backward_sum_, cpu_kernels.channel_gate
-    dwconv, attention, residual = cpu_kernels.fan_dw_forward, cpu_kernels.attention, cpu_kernels.residual
 
-    def counted_attention(*args, **kwargs):
-        calls.append("attention")
-        return attention(*args, **kwargs)
+    def count(attr: str, label: Callable[..., str]) -> None:
+        original = getattr(cpu_kernels, attr)
 
-    def counted_residual(*args, **kwargs):
-        calls.append("residual")
-        return residual(*args, **kwargs)
+        def counted(*args, **kwargs):
+            calls.append(label(*args, **kwargs))
+            return original(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernels, "attention", counted_attention)
-    monkeypatch.setattr(cpu_kernels, "residual", counted_residual)
+        monkeypatch.setattr(cpu_kernels, attr, counted)
 
-    def counted(*args, **kwargs):
-        calls.append("bn")
-        return forward(*args, **kwargs)
-
-    def counted_dwconv(*args, **kwargs):
-        calls.append("dwconv")
-        return dwconv(*args, **kwargs)
-
-    def counted_depthwise(grad_out, x, kernel_size):
-        calls.append("depthwise{}x{}".format(*kernel_size))
-        return depthwise(grad_out, x, kernel_size)
-
-    def counted_gelu(*args, **kwargs):
-        calls.append("gelu")
-        return gelu_backward(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernels, "bn_train_forward", counted)
-    monkeypatch.setattr(cpu_kernels, "fan_dw_forward", counted_dwconv)
-    monkeypatch.setattr(cpu_kernels, "depthwise_weight_grad", counted_depthwise)
-
-    def counted_gate(*args, **kwargs):
-        calls.append("gate")
-        return gate(*args, **kwargs)
-
-    monkeypatch.setattr(cpu_kernels, "gelu_backward_sum_", counted_gelu)
-    monkeypatch.setattr(cpu_kernels, "channel_gate", counted_gate)
+    for attr, name in (("bn_train_forward", "bn"), ("fan_dw_forward", "dwconv"),
+                       ("gelu_backward_sum_", "gelu"), ("channel_gate", "gate"), ("attention", "attention"),
+                       ("residual", "residual")):
+        count(attr, lambda *args, name=name, **kwargs: name)
+    count("depthwise_weight_grad", lambda grad_out, x, kernel_size: "depthwise{}x{}".format(*kernel_size))
     return calls
 
 

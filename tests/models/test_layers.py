@@ -123,6 +123,17 @@ def _fan_mlp_step(mlp: FanMlp, x: torch.Tensor, grad_out: torch.Tensor, autocast
     return out.detach(), x.grad, grads
 
 
+def _assert_same_step(fused: FanMlp, plain: FanMlp, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """One training step of each gives the same output, input gradient and parameter gradients."""
+    out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out)
+    out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out)
+    torch.testing.assert_close(out_f, out_p)
+    torch.testing.assert_close(gx_f, gx_p)
+    assert grads_f.keys() == grads_p.keys()
+    for name in grads_f:
+        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+
+
 @pytest.mark.parametrize("residual", [True, False])
 @pytest.mark.parametrize("bn_train", [True, False])
 def test_fan_mlp_fused_training_path_matches_plain_ops(residual: bool, bn_train: bool) -> None:
@@ -133,13 +144,7 @@ def test_fan_mlp_fused_training_path_matches_plain_ops(residual: bool, bn_train:
     assert fused._use_fused(torch.ones(1, requires_grad=True))
     x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
     for _ in range(2):  # the running statistics and the step count advance identically
-        out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out)
-        out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out)
-        torch.testing.assert_close(out_f, out_p)
-        torch.testing.assert_close(gx_f, gx_p)
-        assert grads_f.keys() == grads_p.keys()
-        for name in grads_f:
-            torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+        _assert_same_step(fused, plain, x, grad_out)
     for name, buf in fused.named_buffers():
         torch.testing.assert_close(buf, dict(plain.named_buffers())[name], msg=name)
 
@@ -151,14 +156,7 @@ def test_fan_mlp_fused_with_a_batch_norm_without_affine_parameters() -> None:
         m.dwconv.bn = torch.nn.BatchNorm2d(24, affine=False)
         m.train()
     assert fused._use_fused(torch.ones(1, requires_grad=True))
-    x, grad_out = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
-    out_f, gx_f, grads_f = _fan_mlp_step(fused, x, grad_out)
-    out_p, gx_p, grads_p = _fan_mlp_step(plain, x, grad_out)
-    torch.testing.assert_close(out_f, out_p)
-    torch.testing.assert_close(gx_f, gx_p)
-    assert grads_f.keys() == grads_p.keys()
-    for name in grads_f:
-        torch.testing.assert_close(grads_f[name], grads_p[name], msg=name)
+    _assert_same_step(fused, plain, torch.randn(2, 12, 8), torch.randn(2, 12, 8))
 
 
 def test_fan_mlp_fused_under_bf16_autocast() -> None:

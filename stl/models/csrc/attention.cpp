@@ -125,11 +125,12 @@ struct Workspace {
   std::vector<T> P, dS;  // [Kp, ld]
   std::vector<T> t;      // [d, ld]: a transposed [N, d] operand
   std::vector<T> rows;   // [Kp, d]: an [N, d] operand with a zero row for K padding
+  std::vector<float> inv_sum;  // [N]: the forward's 1 / row sums
 
   Workspace(int64_t N_, int64_t d_, bool vnni)
       : N(N_), d(d_), Kp(vnni ? round_up(N_, 2) : N_), ld(round_up(Kp, 16)),
         S(std::max(N_, d_) * ld, 0.f), S2(N_ * ld, 0.f), O(N_ * ldo(), 0.f), P(Kp * ld, T(0)), dS(Kp * ld, T(0)),
-        t(d_ * ld, T(0)), rows(Kp * d_, T(0)) {}
+        t(d_ * ld, T(0)), rows(Kp * d_, T(0)), inv_sum(N_) {}
 
   int64_t ldo() const { return round_up(d, 16); }
 
@@ -184,14 +185,13 @@ template <typename T>
 void forward_head(const Head<T>& x, T* out, float* stats, float scale, Workspace<T>& w, Gemm<T>& gemm) {
   const int64_t N = w.N, d = w.d, C = x.C, ld = w.ld;
   gemm(N, N, d, x.q, C, w.transposed(x.k, 2 * C), ld, w.S.data(), ld);
-  std::vector<float> inv_sum(N);
   for (int64_t i = 0; i < N; ++i) {
     exp_row(w.S.data() + i * ld, N, scale, w.P.data() + i * ld, stats + 2 * i);
-    inv_sum[i] = stats[2 * i + 1];
+    w.inv_sum[i] = stats[2 * i + 1];
   }
   const auto [v, ldv] = w.operand_rows(x.v, 2 * C);
   gemm(N, d, w.Kp, w.P.data(), ld, v, ldv, w.O.data(), w.ldo());
-  store_rows(w.O.data(), N, d, w.ldo(), 1.f, out, C, inv_sum.data());
+  store_rows(w.O.data(), N, d, w.ldo(), 1.f, out, C, w.inv_sum.data());
 }
 
 template <typename T>
@@ -235,8 +235,7 @@ void backward_head(const Head<T>& x, const T* grad, const float* stats, float sc
 
 void check_tensor(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef sizes,
                   const at::Tensor& like) {
-  TORCH_CHECK(t.device().is_cpu() && t.sizes() == sizes && t.is_contiguous(), op, ": ", name,
-              " must be a contiguous ", sizes, " CPU tensor, got ", t.sizes());
+  check_contiguous(op, t, name, sizes);
   TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have q's dtype ", like.scalar_type(),
               ", got ", t.scalar_type());
 }
@@ -247,7 +246,7 @@ std::tuple<int64_t, int64_t, int64_t, int64_t> check_inputs(const char* op, cons
   TORCH_CHECK(q.device().is_cpu() && q.dim() == 3 && q.size(1) > 0 && q.is_contiguous(), op,
               ": q must be a contiguous [B, N, C] CPU tensor with N > 0, got ", q.sizes());
   const int64_t B = q.size(0), N = q.size(1), C = q.size(2);
-  TORCH_CHECK(heads > 0 && C % heads == 0, op, ": ", C, " channels do not split into ", heads, " heads");
+  check_heads(op, C, heads);
   check_tensor(op, kv, "kv", {B, N, 2 * C}, q);
   return {B, N, C, C / heads};
 }

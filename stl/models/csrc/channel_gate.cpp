@@ -125,25 +125,18 @@ void gate_image_backward(const float* grad_gate, const Q* q, const X* x, const f
   }
 }
 
-void check_tokens(const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 3 && t.sizes() == sizes && t.is_contiguous(), "channel_gate: ",
-              name, " must be a contiguous ", sizes, " CPU tensor, got ", t.sizes(), " strides ", t.strides(),
-              " on ", t.device());
-}
-
-void check_heads(const at::Tensor& q, int64_t heads) {
+void check_query(const at::Tensor& q, int64_t heads) {
   TORCH_CHECK(q.dim() == 3 && q.size(1) > 0, "channel_gate: q must be [B, N, C] with N > 0, got ", q.sizes());
-  TORCH_CHECK(heads > 0 && q.size(2) % heads == 0, "channel_gate: ", q.size(2), " channels do not split into ",
-              heads, " heads");
+  check_heads("channel_gate", q.size(2), heads);
 }
 
 // (gate [B, C], k [B, N, heads], stats [B, 4, C]), all float32; the last two are for channel_gate_backward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_gate(const at::Tensor& q, const at::Tensor& x,
                                                             int64_t heads) {
-  check_heads(q, heads);
+  check_query(q, heads);
   const int64_t B = q.size(0), N = q.size(1), C = q.size(2);
-  check_tokens(q, "q", q.sizes());
-  check_tokens(x, "x", q.sizes());
+  check_contiguous("channel_gate", q, "q", q.sizes());
+  check_contiguous("channel_gate", x, "x", q.sizes());
   auto opts = q.options().dtype(at::kFloat);
   auto gate = at::empty({B, C}, opts), k = at::empty({B, N, heads}, opts), stats = at::empty({B, 4, C}, opts);
   dispatch(q, "channel_gate", [&](auto qtag) {
@@ -168,10 +161,10 @@ std::tuple<at::Tensor, at::Tensor> channel_gate_backward(const at::Tensor& grad_
                                                          const at::Tensor& x, const at::Tensor& gate,
                                                          const at::Tensor& k, const at::Tensor& stats,
                                                          int64_t heads) {
-  check_heads(q, heads);
+  check_query(q, heads);
   const int64_t B = q.size(0), N = q.size(1), C = q.size(2);
-  check_tokens(q, "q", q.sizes());
-  check_tokens(x, "x", q.sizes());
+  check_contiguous("channel_gate", q, "q", q.sizes());
+  check_contiguous("channel_gate", x, "x", q.sizes());
   check_float("channel_gate", grad_gate, "grad_gate", {B, C});
   check_float("channel_gate", gate, "gate", {B, C});
   check_float("channel_gate", k, "k", {B, N, heads});

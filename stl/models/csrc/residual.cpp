@@ -34,8 +34,7 @@ std::tuple<int64_t, int64_t, int64_t> check_inputs(const char* op, const at::Ten
                                                    const std::optional<at::Tensor>& gate) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), op,
               ": x must be a contiguous [B, N, C] CPU tensor, got ", x.sizes());
-  TORCH_CHECK(v.device().is_cpu() && v.sizes() == x.sizes() && v.is_contiguous(), op, ": v must be a contiguous ",
-              x.sizes(), " CPU tensor, got ", v.sizes());
+  check_contiguous(op, v, "v", x.sizes());
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
   if (gate) check_float(op, *gate, "gate", {B, 1, C});
   return {B, N, C};
@@ -43,8 +42,9 @@ std::tuple<int64_t, int64_t, int64_t> check_inputs(const char* op, const at::Ten
 
 at::Tensor residual(const at::Tensor& x, const at::Tensor& v, const std::optional<at::Tensor>& gate) {
   const auto [B, N, C] = check_inputs("residual", x, v, gate);
-  const bool wide = x.scalar_type() == at::kFloat || v.scalar_type() == at::kFloat || gate.has_value();
-  auto out = at::empty(x.sizes(), x.options().dtype(wide ? at::kFloat : at::kBFloat16));
+  auto dtype = at::promote_types(x.scalar_type(), v.scalar_type());  // torch's result dtype
+  if (gate) dtype = at::promote_types(dtype, gate->scalar_type());
+  auto out = at::empty(x.sizes(), x.options().dtype(dtype));
   const float* g = gate ? gate->data_ptr<float>() : nullptr;
   dispatch(x, "residual", [&](auto tx) {
     using X = decltype(tx);

@@ -56,13 +56,6 @@ STL_INLINE void store(const Vec& v, BFloat16* p, int64_t n) {
 #endif
   at::vec::convert_float_bfloat16(v, v).store(p, n);  // the first n lanes: v's
 }
-// Stores v rounded to the element type (n lanes) and returns the stored values as floats: one conversion
-// where storing and round_to would take two.
-STL_INLINE Vec store_rounded(const Vec& v, float* p, int64_t n) {
-  store(v, p, n);
-  return v;
-}
-STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n);
 // v rounded to T, as a value stored in T and read back
 template <typename T>
 STL_INLINE Vec round_to(const Vec& v) {
@@ -79,6 +72,12 @@ STL_INLINE Vec round_to(const Vec& v) {
   }
 }
 
+// Stores v rounded to the element type (n lanes) and returns the stored values as floats: one conversion
+// where storing and round_to would take two.
+STL_INLINE Vec store_rounded(const Vec& v, float* p, int64_t n) {
+  store(v, p, n);
+  return v;
+}
 STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (n == kV) {
@@ -107,6 +106,18 @@ auto dispatch(const at::Tensor& x, const char* op, const F& f, const char* name 
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, op, ": ", name,
               " must be float32 or bfloat16, got ", x.scalar_type());
   return x.scalar_type() == at::kBFloat16 ? f(BFloat16{}) : f(float{});
+}
+
+// Checks that t is a contiguous CPU tensor of these sizes (its dtype is checked where it is dispatched on).
+inline void check_contiguous(const char* op, const at::Tensor& t, const char* name, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.device().is_cpu() && t.sizes() == sizes && t.is_contiguous(), op, ": ", name,
+              " must be a contiguous ", sizes, " CPU tensor, got ", t.sizes(), " strides ", t.strides(), " on ",
+              t.device());
+}
+
+// Checks that C channels split into `heads` heads.
+inline void check_heads(const char* op, int64_t C, int64_t heads) {
+  TORCH_CHECK(heads > 0 && C % heads == 0, op, ": ", C, " channels do not split into ", heads, " heads");
 }
 
 // Checks that t (weights, statistics, per-channel vectors) is a contiguous float32 CPU tensor of these sizes.

@@ -11,8 +11,10 @@ training mode over channels-last activations with the GELU after it (the FAN-ViT
 bias gradients of the ConvNeXt stem's 7x7 depthwise convs; the GELU backward of fc1 -> GELU -> fc2 MLPs with
 fc1's bias gradient; FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted sum,
 forward and backward); FAN's self-attention (TokenMixing: per image and head in cache, its matmuls
-through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them); and a FAN block's two
-residual adds (one pass each way, the channel branch's gate gradient summed in it). Elsewhere (inference,
+through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them); a FAN block's two
+residual adds (one pass each way, the channel branch's gate gradient summed in it); and, under bf16 autocast,
+a FAN block's two LayerNorms with a bf16 copy of the output per matmul after them (one pass each way instead
+of the LayerNorm, autocast's casts and their gradients' conversions and sums). Elsewhere (inference,
 CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
 float rounding (bf16: torch's rounding or finer; built for AVX512-BF16, bf16 stores flush values below 1.2e-38
 to zero), so the switch is off by default, like ``fused=True`` AdamW.
@@ -39,14 +41,14 @@ from typing import ParamSpec, TypeVar
 import torch
 
 __all__ = ["attention", "batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
-           "keeps_cpu_kernels_setting", "residual", "use_cpu_kernels"]
+           "keeps_cpu_kernels_setting", "layer_norm_cast", "residual", "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = tuple(_CSRC / f for f in ("attention.cpp", "bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp",
-                                      "fan_dwconv.cpp", "residual.cpp"))
+                                      "fan_dwconv.cpp", "layer_norm.cpp", "residual.cpp"))
 _HEADERS = (_CSRC / "vec_rows.h", _CSRC / "gelu.h")
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
@@ -423,6 +425,60 @@ def residual(x: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None)
     one), computed in fp32, in the dtype torch's ops give; use where :func:`applies_to_tokens` holds for ``x``
     and ``v`` (and ``gate`` is a contiguous float32 [B, 1, C] CPU tensor)."""
     return _Residual.apply(x, v, gate)
+
+
+def applies_to_layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
+    """Whether the kernels serve ``norm(x)`` for bf16 matmuls: switched on, bf16 CPU autocast on, ``x`` a
+    contiguous fp32 CPU tensor of [..., C] tokens and ``norm`` an ``nn.LayerNorm`` over C with fp32 weight and
+    bias (on bf16 ``x`` autocast runs LayerNorm in bf16, with no casts to save). The caller checks that
+    autograd records an eager backward."""
+    return (
+        _serves(x)
+        and x.dtype == torch.float32
+        and x.dim() > 1
+        and x.numel() > 0
+        and x.is_contiguous()
+        and torch.is_autocast_enabled("cpu")
+        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and type(norm) is torch.nn.LayerNorm
+        and norm.normalized_shape == (x.shape[-1],)
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == norm.bias.dtype == torch.float32
+    )
+
+
+class _LayerNormCast(torch.autograd.Function):
+    """LayerNorm with bf16 copies of its output (see :func:`layer_norm_cast`); saves its input and two
+    statistics per row."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, meta):  # type: ignore[override]
+        eps, copies, keep_float = meta
+        y, low, stats = torch.ops.stl_cpu.layer_norm_cast(x, weight, bias, eps, copies, keep_float)
+        ctx.save_for_backward(x, weight, stats)
+        ctx.keep_float = keep_float
+        return (y, *low) if keep_float else tuple(low)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):  # type: ignore[override]
+        x, weight, stats = ctx.saved_tensors
+        grad_float = grads[0].float().contiguous() if ctx.keep_float else None
+        low = [g.to(torch.bfloat16).contiguous() for g in grads[ctx.keep_float:]]
+        grad_x, grad_w, grad_b = torch.ops.stl_cpu.layer_norm_cast_backward(low, grad_float, x, weight, stats)
+        return grad_x, grad_w, grad_b, None
+
+
+def layer_norm_cast(
+    x: torch.Tensor, norm: torch.nn.LayerNorm, copies: int, keep_float: bool
+) -> tuple[torch.Tensor, ...]:
+    """``norm(x)`` as the ops after it read it under bf16 autocast: ``copies`` bf16 tensors, one per matmul
+    (so that their gradients are summed in fp32, as autocast's casts do), preceded by the fp32 output when
+    ``keep_float`` (for ops that autocast runs in fp32). One pass each way instead of a LayerNorm, a cast per
+    matmul and their gradients' conversions and sums; use where :func:`applies_to_layer_norm` holds."""
+    with torch.autocast("cpu", enabled=False):
+        return _LayerNormCast.apply(x, norm.weight, norm.bias, (norm.eps, copies, keep_float))
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -682,11 +682,14 @@ class TokenMixing(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.apply(init_fan_weights)
 
-    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """``scale`` (a layer scale) is folded into the output projection."""
+    def forward(
+        self, x: torch.Tensor, scale: torch.Tensor | None = None, kv_input: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``scale`` (a layer scale) is folded into the output projection. ``kv_input``: the values of ``x``
+        for the ``kv`` projection, when they come separately (a bf16 copy, see :func:`_norm_for_matmuls`)."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q, kv = self.q(x), self.kv(x)
+        q, kv = self.q(x), self.kv(x if kv_input is None else kv_input)
         dropout_p = self.attn_drop if self.training else 0.0
         # (eager first: applies_to_attention asks an op, which torch.compile would break its graph on)
         if dropout_p == 0.0 and _records_eager_backward(q, kv) and cpu_kernels.applies_to_attention(q, kv):
@@ -732,11 +735,13 @@ class ChannelProcessing(nn.Module):
         init_fan_weights(self.q)
         init_fan_weights(self.norm_v)
 
-    def channel_gate(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-channel gate [B, 1, C] (exposed for visualisation of the channel attention)."""
+    def channel_gate(self, x: torch.Tensor, q_input: torch.Tensor | None = None) -> torch.Tensor:
+        """The per-channel gate [B, 1, C] (exposed for visualisation of the channel attention). ``q_input``:
+        the values of ``x`` for the ``q`` projection, when they come separately (a bf16 copy, see
+        :func:`_norm_for_matmuls`)."""
         B, N, C = x.shape
         h = self.num_heads
-        q = self.q(x)
+        q = self.q(x if q_input is None else q_input)
         if cpu_kernels.applies_to_tokens(q, x) and _records_eager_backward(q, x):
             gate = cpu_kernels.channel_gate(q, x, h).view(B, h, C // h).sigmoid()
         else:
@@ -747,13 +752,21 @@ class ChannelProcessing(nn.Module):
         return self.attn_drop(gate).reshape(B, 1, C)
 
     def gated_value(
-        self, x: torch.Tensor, H: int, W: int, scale: torch.Tensor | None = None
+        self,
+        x: torch.Tensor,
+        H: int,
+        W: int,
+        scale: torch.Tensor | None = None,
+        matmul_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v [B, N, C], gate [B, 1, C]); the output is ``v * gate``, ``scale`` is folded into the gate."""
-        gate = self.channel_gate(x)
+        """(v [B, N, C], gate [B, 1, C]); the output is ``v * gate``, ``scale`` is folded into the gate.
+        ``matmul_inputs``: the values of ``x`` for the gate's ``q`` projection and for the MLP, when they come
+        separately (bf16 copies, see :func:`_norm_for_matmuls`)."""
+        q_input, mlp_input = (x, x) if matmul_inputs is None else matmul_inputs
+        gate = self.channel_gate(x, q_input)
         if scale is not None:
             gate = gate * scale
-        return self.norm_v(self.mlp_v(x, H, W)), gate
+        return self.norm_v(self.mlp_v(mlp_input, H, W)), gate
 
     def forward(self, x: torch.Tensor, H: int, W: int, scale: torch.Tensor | None = None) -> torch.Tensor:
         v, gate = self.gated_value(x, H, W, scale)
@@ -869,6 +882,18 @@ def _kernels_add(x: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = N
     )
 
 
+def _norm_for_matmuls(
+    norm: nn.Module, x: torch.Tensor, copies: int, keep_float: bool
+) -> tuple[torch.Tensor, ...] | None:
+    """``norm(x)`` through the CPU kernels as the bf16 matmuls after it read it under autocast: ``copies``
+    bf16 tensors, one per matmul, preceded by the fp32 output when ``keep_float``; None where the kernels do
+    not serve it (then ``norm(x)`` is for the caller to run)."""
+    # (eager first, as for the attention kernel: torch.compile gets the plain ops)
+    if _records_eager_backward(x, norm.weight) and cpu_kernels.applies_to_layer_norm(x, norm):
+        return cpu_kernels.layer_norm_cast(x, norm, copies, keep_float)
+    return None
+
+
 class FANBlock(nn.Module):
     """Pre-norm FAN block: token mixing then channel processing, each with layer scale and drop path.
 
@@ -915,7 +940,12 @@ class FANBlock(nn.Module):
 
     def _channel_branch(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """x + drop_path(gamma2 * mlp(norm2(x))), with gamma2 folded into the channel gate."""
-        v, gate = self.mlp.gated_value(self.norm2(x), H, W, scale=self.gamma2)
+        normed = _norm_for_matmuls(self.norm2, x, copies=2, keep_float=True)  # q and the MLP; the gate
+        if normed is None:
+            v, gate = self.mlp.gated_value(self.norm2(x), H, W, scale=self.gamma2)
+        else:
+            y, q_input, mlp_input = normed
+            v, gate = self.mlp.gated_value(y, H, W, scale=self.gamma2, matmul_inputs=(q_input, mlp_input))
         if self._drops_paths():
             return x + self.drop_path(v * gate)
         if _kernels_add(x, v, gate):
@@ -924,7 +954,11 @@ class FANBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, int, int]:
         # layer scales are folded into the last linear op of each branch (saves full passes over x)
-        y = self.attn(self.norm1(x), scale=self.gamma1)
+        normed = _norm_for_matmuls(self.norm1, x, copies=2, keep_float=False)  # q and kv
+        if normed is None:
+            y = self.attn(self.norm1(x), scale=self.gamma1)
+        else:
+            y = self.attn(normed[0], scale=self.gamma1, kv_input=normed[1])
         if not self._drops_paths() and _kernels_add(x, y):
             x = cpu_kernels.residual(x, y)
         else:

@@ -457,6 +457,94 @@ def test_residual_does_not_depend_on_the_thread_count_and_names_wrong_arguments(
         torch.ops.stl_cpu.residual_backward(grad, v.half(), gate)
 
 
+def _norm(C: int, seed: int = 0) -> torch.nn.LayerNorm:
+    torch.manual_seed(seed)
+    norm = torch.nn.LayerNorm(C)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
+# ViT-T's tokens; 20 channels (a vector and a tail), 7 (a tail only); rows not a multiple of the 32-row blocks
+@pytest.mark.parametrize(("shape", "C"), [((2, 196), 192), ((3, 7), 20), ((5,), 7)])
+@pytest.mark.parametrize(("copies", "keep_float"), [(2, False), (2, True), (1, True), (0, True)])
+def test_layer_norm_cast_is_as_accurate_as_torch(kernels: None, shape: tuple[int, ...], C: int, copies: int,
+                                                  keep_float: bool) -> None:
+    """LayerNorm with bf16 copies of its output for the matmuls after it, against float64 of the same inputs
+    and gradients (largest error of y and of the input, weight and bias gradients): as accurate as torch's
+    LayerNorm with autocast's casts (up to 2x its error plus a floor at fp32 rounding; measured 0-2.07x, 0.92x
+    in the median, the largest on 5 x 7 values). Each copy is y rounded to bf16, autocast's cast of y."""
+    norm = _norm(C)
+    x = (torch.randn(*shape, C) * 3 + 1).requires_grad_()
+    grads = [torch.randn(*shape, C) for _ in range(keep_float)] + [
+        torch.randn(*shape, C).bfloat16() for _ in range(copies)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.applies_to_layer_norm(x, norm)
+        outs = cpu_kernels.layer_norm_cast(x, norm, copies, keep_float)
+    assert [o.dtype for o in outs] == [torch.float32] * keep_float + [torch.bfloat16] * copies
+    y = outs[0].detach() if keep_float else None
+    torch.autograd.backward(outs, grads)
+    ours = (x.grad, norm.weight.grad, norm.bias.grad)
+
+    def torch_step(dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """torch's LayerNorm in dtype, its output cast per matmul (what autocast does), the gradients."""
+        ref = copy.deepcopy(norm).to(dtype)
+        xr = x.detach().to(dtype).requires_grad_()
+        yr = ref(xr)
+        cast = [yr.bfloat16().to(dtype) if dtype == torch.float64 else yr.bfloat16() for _ in range(copies)]
+        torch.autograd.backward([yr] * keep_float + cast, [g.to(dtype) for g in grads[:keep_float]] +
+                                [g.to(dtype) if dtype == torch.float64 else g for g in grads[keep_float:]])
+        return yr.detach(), xr.grad, ref.weight.grad, ref.bias.grad
+
+    exact, theirs = torch_step(torch.float64), torch_step(torch.float32)
+    for low in outs[keep_float:]:
+        ours_y = y if y is not None else low.float()
+        assert torch.equal(low, ours_y.bfloat16())
+        assert (low == theirs[0].bfloat16()).float().mean() >= 0.999
+    results = list(zip(ours, theirs[1:], exact[1:], strict=True))
+    if y is not None:
+        results.append((y, theirs[0], exact[0]))
+    for got, torch_got, want in results:
+        err, torch_err = (float((v.double() - want).abs().max()) for v in (got, torch_got))
+        assert err <= 2 * torch_err + 1e-7 * float(want.abs().max()), (err, torch_err)
+
+
+def test_layer_norm_cast_does_not_depend_on_the_thread_count_and_names_wrong_arguments(kernels: None) -> None:
+    norm = _norm(24)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    x = torch.randn(300, 24) * 2  # ten blocks of rows for the weight's and bias's gradients
+    y, low, stats = torch.ops.stl_cpu.layer_norm_cast(x, w, b, 1e-5, 2, True)
+    grads = [torch.randn(300, 24).bfloat16() for _ in low]
+    grad_y = torch.randn(300, 24)
+    one, two = _on_one_and_two_threads(
+        lambda: torch.ops.stl_cpu.layer_norm_cast_backward(grads, grad_y, x, w, stats))
+    assert all(torch.equal(a, c) for a, c in zip(one, two, strict=True))
+    with pytest.raises(RuntimeError, match=r"layer_norm_cast: x must be a contiguous float32 CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_cast(x.bfloat16(), w, b, 1e-5, 2, True)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous float32 \[24\] CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_cast(x, w[:20], b, 1e-5, 2, True)
+    with pytest.raises(RuntimeError, match=r"asked for no output \(copies 0, keep_float false\)"):
+        torch.ops.stl_cpu.layer_norm_cast(x, w, b, 1e-5, 0, False)
+    with pytest.raises(RuntimeError, match="grads must be bfloat16, got Float"):
+        torch.ops.stl_cpu.layer_norm_cast_backward([grad_y], None, x, w, stats)
+    with pytest.raises(RuntimeError, match=r"grad_float must be a contiguous float32 \[300, 24\] CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_cast_backward(grads, grad_y.t().contiguous().t(), x, w, stats)
+    with pytest.raises(RuntimeError, match="no gradient given"):
+        torch.ops.stl_cpu.layer_norm_cast_backward([], None, x, w, stats)
+    # only under bf16 autocast, on fp32 tokens, for an affine nn.LayerNorm over their channels
+    assert not cpu_kernels.applies_to_layer_norm(x, norm)  # no autocast: no casts to save
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert cpu_kernels.applies_to_layer_norm(x, norm)
+        assert not cpu_kernels.applies_to_layer_norm(x.bfloat16(), norm)  # torch's LayerNorm runs in bf16
+        assert not cpu_kernels.applies_to_layer_norm(x.t(), _norm(300))
+        assert not cpu_kernels.applies_to_layer_norm(x, torch.nn.LayerNorm(24, elementwise_affine=False))
+        assert not cpu_kernels.applies_to_layer_norm(x, torch.nn.LayerNorm([300, 24]))
+        assert not cpu_kernels.applies_to_layer_norm(x, torch.nn.GroupNorm(1, 24))
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not cpu_kernels.applies_to_layer_norm(x, norm)
+
+
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
     """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
     bn, ref_bn = _bn(8), _bn(8)
@@ -736,8 +824,8 @@ def _model_step(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tup
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
-    its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention") and each residual
-    add of a FAN block's branch ("residual")."""
+    its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention"), each residual
+    add of a FAN block's branch ("residual") and each LayerNorm with bf16 copies ("layer_norm")."""
     calls: list[str] = []
 
     def count(attr: str, label: Callable[..., str]) -> None:
@@ -751,7 +839,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     for attr, name in (("bn_train_forward", "bn"), ("fan_dw_forward", "dwconv"),
                        ("gelu_backward_sum_", "gelu"), ("channel_gate", "gate"), ("attention", "attention"),
-                       ("residual", "residual")):
+                       ("residual", "residual"), ("layer_norm_cast", "layer_norm")):
         count(attr, lambda *args, name=name, **kwargs: name)
     count("depthwise_weight_grad", lambda grad_out, x, kernel_size: "depthwise{}x{}".format(*kernel_size))
     return calls
@@ -779,6 +867,7 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
     assert kernel_calls.count("gelu") == len(plain.cls_attn_blocks) + kernel_calls.count("depthwise7x7")
+    assert kernel_calls.count("layer_norm") == 0  # in fp32 there are no casts to save
     torch.testing.assert_close(out_f, out_p, rtol=1e-4, atol=1e-5)
     assert grads_f.keys() == grads_p.keys()
     scale = max(g.abs().max() for g in grads_p.values())
@@ -834,6 +923,8 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     # (bf16 attention where the CPU has AMX tiles for its matmuls)
     assert kernel_calls.count("attention") == len(plain.blocks) * torch.ops.stl_cpu.attention_packs_bf16()
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
+    # both LayerNorms of each block but the first, whose input is bf16 (the positional encoding's output)
+    assert kernel_calls.count("layer_norm") == 2 * len(plain.blocks) - 2
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
 

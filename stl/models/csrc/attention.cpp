@@ -23,7 +23,6 @@
 // well). Each (image, head) is computed by one thread: results do not depend on the thread count.
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
@@ -170,7 +169,7 @@ void exp_row(const float* s, int64_t N, float scale, T* p, float* stats) {
     sum += e;
   });
   stats[0] = mx;
-  stats[1] = 1.f / at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, sum);
+  stats[1] = 1.f / sum_lanes(sum);
 }
 
 // The head's pointers: q rows of stride C, k and v rows of stride 2C, out rows of stride C.
@@ -214,7 +213,7 @@ void backward_head(const Head<T>& x, const T* grad, const float* stats, float sc
       const int64_t o = r * ld + j;
       acc += store_rounded(exp_shifted<T>(S + o, n, mx, vscale) * inv_sum, P + o, n) * load(dP + o, n);
     });
-    const Vec delta(at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, acc));
+    const Vec delta(sum_lanes(acc));
     for_channels(N, [&](int64_t j, int64_t n) {
       const int64_t o = r * ld + j;
       store(load(P + o, n) * (load(dP + o, n) - delta), dS + o, n);

@@ -1,9 +1,9 @@
-// Vector helpers shared by this project's CPU kernels (bn_gelu.cpp, channel_gate.cpp, depthwise.cpp,
-// fan_dwconv.cpp): float vectors of ATen's instruction set (the CPU_CAPABILITY the build defines), loaded from
-// and stored to rows of float or bf16.
+// Vector helpers shared by this project's CPU kernels (the .cpp files beside it): float vectors of ATen's
+// instruction set (the CPU_CAPABILITY the build defines), loaded from and stored to rows of float or bf16.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -90,6 +90,11 @@ STL_INLINE Vec store_rounded(const Vec& v, BFloat16* p, int64_t n) {
 #endif
   store(v, p, n);
   return round_to<BFloat16>(v);
+}
+
+// The sum of a vector's lanes.
+STL_INLINE float sum_lanes(const Vec& v) {
+  return at::vec::vec_reduce_all<float>([](Vec a, Vec b) { return a + b; }, v);
 }
 
 // Calls f(c, n) for channel offsets c in vector steps; n < kV only for the tail.

@@ -1,0 +1,180 @@
+// LayerNorm over the last dim of tokens in training, handing its output to bf16 matmuls as autocast does, CPU:
+//
+//   y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)   (biased variance, per row)
+//
+// over float32 x, stored as `copies` bf16 tensors (one per matmul that reads y) and, when keep_float, as
+// float32 (for ops that autocast runs in fp32). Backward: the copies' gradients (bf16) and the float one are
+// summed in fp32 and taken through the LayerNorm's backward. Built with
+// bn_gelu.cpp (see there) and registered as torch.ops.stl_cpu.layer_norm_cast / layer_norm_cast_backward;
+// stl/models/layers.py (FANBlock) calls them through cpu_kernels.py.
+//
+// Why: under autocast torch's LayerNorm writes y in fp32 and each linear after it casts y to bf16 in a pass
+// of its own; in backward each cast's gradient is converted back to fp32 and summed in more passes before
+// LayerNorm's backward reads it. Here each way is one pass per row, a row staying in L1 between its reads. A
+// copy per matmul (not one bf16 tensor shared by them) keeps autocast's numbers: autograd sums the gradients of
+// one tensor in its dtype, so a shared bf16 y would round their sum to bf16. Row statistics follow torch's
+// formulas, in fp32; the weight and bias gradients are summed per block of rows and the blocks added in order
+// in double, so results do not depend on the thread count.
+
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "vec_rows.h"
+
+namespace {
+
+using namespace stl_cpu;
+
+constexpr int64_t kBlock = 32;  // rows per block of the weight and bias gradients' partial sums
+
+// Checks x [..., C] and a float32 [C] weight; returns (rows, C).
+std::pair<int64_t, int64_t> check_rows(const char* op, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() >= 1 && x.is_contiguous(), op,
+              ": x must be a contiguous float32 CPU tensor, got ", x.sizes(), " ", x.scalar_type());
+  const int64_t C = x.size(-1);
+  TORCH_CHECK(C > 0, op, ": x has no channels, got ", x.sizes());
+  check_float(op, weight, "weight", {C});
+  return {x.numel() / C, C};
+}
+
+// (mean, rstd) of row x of C values, as torch's LayerNorm takes them (biased variance, fp32).
+STL_INLINE std::pair<float, float> row_moments(const float* x, int64_t C, double eps) {
+  Vec acc(0.f);
+  for_channels(C, [&](int64_t c, int64_t n) { acc += load(x + c, n); });
+  const float mean = sum_lanes(acc) / static_cast<float>(C);
+  Vec sq(0.f);
+  for_channels(C, [&](int64_t c, int64_t n) {
+    const Vec d = load(x + c, n) - Vec(mean);
+    sq = at::vec::fmadd(d, n == kV ? d : Vec::set(Vec(0.f), d, n), sq);  // the tail's zero lanes: -mean
+  });
+  const float var = std::max(sum_lanes(sq) / static_cast<float>(C), 0.f);
+  return {mean, 1.f / std::sqrt(var + static_cast<float>(eps))};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(const at::Tensor& x,
+                                                                            const at::Tensor& weight,
+                                                                            const at::Tensor& bias, double eps,
+                                                                            int64_t copies, bool keep_float) {
+  const char* op = "layer_norm_cast";
+  const auto [R, C] = check_rows(op, x, weight);
+  check_float(op, bias, "bias", {C});
+  TORCH_CHECK(copies >= 0 && (copies > 0 || keep_float), op, ": asked for no output (copies ", copies,
+              ", keep_float false)");
+  auto y = keep_float ? at::empty_like(x) : at::empty({0}, x.options());
+  std::vector<at::Tensor> low;
+  for (int64_t k = 0; k < copies; ++k) low.push_back(at::empty_like(x, x.options().dtype(at::kBFloat16)));
+  auto stats = at::empty({R, 2}, x.options());  // mean, rstd
+  const float *xp = x.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(),
+              *b = bias.const_data_ptr<float>();
+  float* yp = keep_float ? y.data_ptr<float>() : nullptr;
+  std::vector<BFloat16*> lp;
+  for (auto& t : low) lp.push_back(t.data_ptr<BFloat16>());
+  float* sp = stats.data_ptr<float>();
+  at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* xr = xp + r * C;
+      const auto [mean, rstd] = row_moments(xr, C, eps);
+      sp[2 * r] = mean;
+      sp[2 * r + 1] = rstd;
+      const Vec scale(rstd), shift(-rstd * mean);
+      for_channels(C, [&](int64_t c, int64_t n) {
+        // torch's order: (x * rstd - rstd * mean) * weight + bias
+        const Vec xhat = at::vec::fmadd(load(xr + c, n), scale, shift);
+        const Vec v = at::vec::fmadd(xhat, load(w + c, n), load(b + c, n));
+        if (yp) store(v, yp + r * C + c, n);
+        for (BFloat16* p : lp) store(v, p + r * C + c, n);
+      });
+    }
+  });
+  return {y, low, stats};
+}
+
+// One row's backward: g (scratch, C floats) <- its summed gradient; dx; dweight and dbias (C floats each)
+// accumulated. gp: the bf16 copies' gradients, gf: the float32 output's (or null), all at the row.
+STL_INLINE void row_backward(const std::vector<const BFloat16*>& gp, const float* gf, const float* x,
+                             const float* w, float mean, float rstd, int64_t C, float* g, float* dx, float* dw,
+                             float* db) {
+  Vec ds(0.f), dsum(0.f);
+  for_channels(C, [&](int64_t c, int64_t n) {
+    Vec gv = gf ? load(gf + c, n) : Vec(0.f);
+    for (const BFloat16* p : gp) gv += load(p + c, n);
+    store(gv, g + c, n);
+    const Vec xv = load(x + c, n), wg = gv * load(w + c, n);
+    ds = at::vec::fmadd(wg, xv, ds);
+    dsum += wg;
+    const Vec xhat = at::vec::fmadd(xv, Vec(rstd), Vec(-rstd * mean));
+    store(at::vec::fmadd(gv, xhat, load(dw + c, n)), dw + c, n);  // dweight += g * (x - mean) * rstd
+    store(load(db + c, n) + gv, db + c, n);                       // dbias += g
+  });
+  // torch's formulas: dx = rstd * w * g + a * x + b, a = (sum(w g) mean - sum(w g x)) rstd^3 / C,
+  // b = -a * mean - sum(w g) * rstd / C
+  const float s = sum_lanes(ds), d = sum_lanes(dsum);
+  const float a = (d * mean - s) * rstd * rstd * rstd / static_cast<float>(C);
+  const float b = -a * mean - d * rstd / static_cast<float>(C);
+  for_channels(C, [&](int64_t c, int64_t n) {
+    const Vec wg = load(g + c, n) * load(w + c, n);
+    store(at::vec::fmadd(wg, Vec(rstd), at::vec::fmadd(load(x + c, n), Vec(a), Vec(b))), dx + c, n);
+  });
+}
+
+// Gradients (x, weight, bias) of layer_norm_cast given its outputs' gradients: `grads` of the bf16 copies,
+// grad_float of the float32 output (when kept).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cast_backward(
+    at::TensorList grads, const std::optional<at::Tensor>& grad_float, const at::Tensor& x,
+    const at::Tensor& weight, const at::Tensor& stats) {
+  const char* op = "layer_norm_cast_backward";
+  const auto [R, C] = check_rows(op, x, weight);
+  check_float(op, stats, "stats", {R, 2});
+  TORCH_CHECK(!grads.empty() || grad_float, op, ": no gradient given");
+  std::vector<const BFloat16*> gp;
+  for (const auto& g : grads) {
+    check_contiguous(op, g, "grads[i]", x.sizes());
+    TORCH_CHECK(g.scalar_type() == at::kBFloat16, op, ": grads must be bfloat16, got ", g.scalar_type());
+    gp.push_back(g.const_data_ptr<BFloat16>());
+  }
+  const float* gf = nullptr;
+  if (grad_float) {
+    check_float(op, *grad_float, "grad_float", x.sizes());
+    gf = grad_float->const_data_ptr<float>();
+  }
+  auto grad_x = at::empty_like(x);
+  const float *xp = x.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(),
+              *sp = stats.const_data_ptr<float>();
+  float* dxp = grad_x.data_ptr<float>();
+  const int64_t blocks = (R + kBlock - 1) / kBlock;
+  std::vector<float> part(blocks * 2 * C, 0.f);  // per block of rows: the weight's, then the bias's gradient
+  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    std::vector<float> g(C);
+    std::vector<const BFloat16*> gr(gp.size());
+    for (int64_t k = k0; k < k1; ++k) {
+      float* dw = part.data() + k * 2 * C;
+      for (int64_t r = k * kBlock; r < std::min(R, (k + 1) * kBlock); ++r) {
+        for (size_t i = 0; i < gp.size(); ++i) gr[i] = gp[i] + r * C;
+        row_backward(gr, gf ? gf + r * C : nullptr, xp + r * C, w, sp[2 * r], sp[2 * r + 1], C, g.data(),
+                     dxp + r * C, dw, dw + C);
+      }
+    }
+  });
+  const auto sums = sum_in_image_order(part, blocks, 2 * C);
+  return {grad_x, sums_row(sums, C, 0, C), sums_row(sums, C, 1, C)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(stl_cpu, m) {
+  m.def("layer_norm_cast(Tensor x, Tensor weight, Tensor bias, float eps, int copies, bool keep_float) "
+        "-> (Tensor, Tensor[], Tensor)");
+  m.def("layer_norm_cast_backward(Tensor[] grads, Tensor? grad_float, Tensor x, Tensor weight, Tensor stats) "
+        "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(stl_cpu, CPU, m) {
+  m.impl("layer_norm_cast", layer_norm_cast);
+  m.impl("layer_norm_cast_backward", layer_norm_cast_backward);
+}

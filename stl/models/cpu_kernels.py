@@ -255,43 +255,44 @@ def fan_dw_forward(
     eps: float,
     conv2: tuple[torch.Tensor, torch.Tensor],
     residual: bool,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The FAN MLP's depthwise block in training, ``conv2(BN(GELU(conv1(h)))) [+ h]``, in two fused passes.
 
     ``h``: the [B, H, W, C] view of a channels-last image (fp32, or bf16 under autocast); ``conv1``,
     ``conv2``: (weight [C, 1, 3, 3], bias) of stride-1, same-padded depthwise convs (any float dtype, used
     as fp32); ``bn``: (weight, bias, running_mean, running_var), fp32, the running statistics updated as
-    ``F.batch_norm`` does. Returns ``(s, c1, stats)``: the output in ``h``'s dtype, and what
-    :func:`fan_dw_backward_` takes (conv1's output and the BatchNorm's terms); BN(GELU(c1)) is not stored.
+    ``F.batch_norm`` does. Returns ``(s, saved)``: the output in ``h``'s dtype, and what
+    :func:`fan_dw_backward_` takes (conv1's output, the GELU's and the BatchNorm's terms); the BatchNorm's
+    output is not stored.
     """
     (w1, b1), (w2, b2) = conv1, conv2
     B, H, W, _ = h.shape
     if B * H * W < 2:  # as F.batch_norm: one value per channel gives no variance
         raise ValueError(f"Expected more than 1 value per channel when training, got {B * H * W} values")
-    c1, mean, var = torch.ops.stl_cpu.fan_dw_forward_stats(h, w1.float(), b1.float())
+    c1, act, mean, var = torch.ops.stl_cpu.fan_dw_forward_stats(h, w1.float(), b1.float())
     stats = _batch_statistics(mean, var, B * H * W, bn, momentum, eps)
     _, _, _, scale, shift = stats
     residual_input = h if residual else None
-    s = torch.ops.stl_cpu.fan_dw_forward_apply(c1, scale, shift, w2.float(), b2.float(), residual_input)
-    return s, c1, stats
+    s = torch.ops.stl_cpu.fan_dw_forward_apply(act, scale, shift, w2.float(), b2.float(), residual_input)
+    return s, (c1, act, *stats)
 
 
 def fan_dw_backward_(
     grad: torch.Tensor,
-    c1: torch.Tensor,
     h: torch.Tensor,
-    stats: tuple[torch.Tensor, ...],
+    saved: tuple[torch.Tensor, ...],
     weights: tuple[torch.Tensor, torch.Tensor],
     residual: bool,
 ) -> tuple[torch.Tensor, ...]:
     """Gradients of :func:`fan_dw_forward` given ``grad`` = dL/ds ([B, H, W, C], contiguous), which is
-    overwritten with dL/dh. ``weights``: (conv1's, conv2's). Returns (conv1 weight, conv1 bias, BN weight, BN
-    bias, conv2 weight, conv2 bias, the column sums of dL/dh: the gradient of a bias added to ``h``), float32.
+    overwritten with dL/dh. ``saved``: what the forward returned; ``weights``: (conv1's, conv2's). Returns
+    (conv1 weight, conv1 bias, BN weight, BN bias, conv2 weight, conv2 bias, the column sums of dL/dh: the
+    gradient of a bias added to ``h``), float32.
     """
-    mean, invstd, weight, scale, shift = stats
+    c1, act, mean, invstd, weight, scale, shift = saved
     w1, w2 = weights
     return torch.ops.stl_cpu.fan_dw_backward_(
-        grad, c1, h, mean, invstd, weight, scale, shift, w1.float(), w2.float(), residual
+        grad, c1, act, h, mean, invstd, weight, scale, shift, w1.float(), w2.float(), residual
     )
 
 

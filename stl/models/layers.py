@@ -459,8 +459,8 @@ class _FanMlpFunction(torch.autograd.Function):
     allocate afresh: fc2's input grad goes into the saved fc2 input, the GELU backward into the saved conv
     output, and the residual's two grads are summed in place (three hidden-size allocations instead of six; on
     the CPU each fresh one is page-faulted in). With the CPU kernels on (``cpu_kernels``), the depthwise block
-    between fc1 and fc2 runs as two fused passes each way (cpu_kernels.fan_dw_forward) and saves only its
-    first conv's output. Its graph can be run backward once (see _LinearGeluLinear).
+    between fc1 and fc2 runs as two fused passes each way (cpu_kernels.fan_dw_forward) and saves its first
+    conv's output and the GELU's. Its graph can be run backward once (see _LinearGeluLinear).
     """
 
     @staticmethod
@@ -474,11 +474,11 @@ class _FanMlpFunction(torch.autograd.Function):
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
         kernels = bn_kernels and cpu_kernels.applies(h_img) and c1w.shape[-2:] == (3, 3)
         if kernels:
-            s, c1, saved = cpu_kernels.fan_dw_forward(
+            s, saved = cpu_kernels.fan_dw_forward(
                 h.view(B, H, W, hidden), (c1w, c1b), (bn_w, bn_b, bn_mean, bn_var), momentum, eps, (c2w, c2b),
                 residual,
             )
-            s = s.view(B * N, hidden)
+            s, c1 = s.view(B * N, hidden), None  # (c1 is in saved)
         else:
             c1 = torch.ops.aten.convolution(h_img, c1w, c1b, *conv)
             act = F.gelu(c1)
@@ -509,7 +509,7 @@ class _FanMlpFunction(torch.autograd.Function):
         grad_s = torch.mm(g, w2, out=s)  # fc2's input is no longer needed
         if kernels:  # dL/dh is written over grad_s
             grads = cpu_kernels.fan_dw_backward_(
-                grad_s.view(B, H, W, hidden), c1, h.view(B, H, W, hidden), tuple(saved), (c1w, c2w), residual
+                grad_s.view(B, H, W, hidden), h.view(B, H, W, hidden), tuple(saved), (c1w, c2w), residual
             )
             grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = grads
             b1_dtype, c1b_dtype, c2b_dtype = ctx.dtypes

@@ -14,22 +14,23 @@
 // and weight gradients, BatchNorm and GELU backward and the residual: about twenty passes over the hidden
 // activations, each at DRAM speed in a training step. Here the work splits into units of one image and 64
 // channels, copied once into zero-padded float tiles that stay in cache through all the unit's steps: two
-// passes forward (conv1 with the GELU's batch statistics; BN, conv2 and the residual), two backward (conv2's
-// input and weight gradients with BN's sums; then conv2's input gradient again, BN and GELU backward,
-// conv1's input and weight gradients, the residual, fc1's bias gradient). BN(GELU(c1)) is recomputed, not
-// stored. A unit's channels are a 3 KB-strided column of 256 B pieces: read straight from memory, filling
-// the tiles would wait on memory for as long as the arithmetic takes, so the next unit's are prefetched
-// while the current one computes, and the forward's outputs go out as streaming stores (Prefetcher, flush;
-// the backward writes dL/dh over lines it has just read).
-// In a FAN-ViT-T training step (batch 16, [16, 14, 14, 768]) a block takes 11.5 ms forward + backward in fp32
-// and 9.5-10.5 in bf16, against 14.9 and 12.2 for oneDNN's convs and the separate BatchNorm + GELU and
-// weight-gradient kernels it replaces (profiler, per step: 138 vs 179 ms, 114-126 vs 146).
+// passes forward (conv1 and the GELU with its batch statistics, storing both; BN, conv2 and the residual),
+// two backward (conv2's input and weight gradients with BN's sums; then conv2's input gradient again, BN and
+// GELU backward, conv1's input and weight gradients, the residual, fc1's bias gradient). BN(act) is
+// recomputed, not stored; act = GELU(c1) is stored, as the exact GELU is the block's costliest arithmetic
+// (computed once forward instead of three times: forward + backward 8.1-8.5 against 8.7-10.7 ms at
+// [16, 14, 14, 768] in bf16, alternating runs). A unit's channels are a 3 KB-strided column of 256 B pieces:
+// read straight from memory, filling the tiles would wait on memory for as long as the arithmetic takes, so
+// the next unit's are prefetched while the current one computes, and the forward's outputs go out as
+// streaming stores (Prefetcher, flush; the backward writes dL/dh over lines it has just read).
+// In a FAN-ViT-T training step (batch 16, [16, 14, 14, 768]) a block took 11.5 ms forward + backward in fp32
+// and 9.5-10.5 in bf16 when the GELU was recomputed, against 14.9 and 12.2 for oneDNN's convs and the separate
+// BatchNorm + GELU and weight-gradient kernels it replaces (profiler, per step: 138 vs 179 ms, 114-126 vs 146).
 //
-// Values are rounded to the element type where torch's ops under autocast store them (c1, the BN output,
-// each conv's output and input gradient, the BN + GELU backward's output, the residual sums); the GELU's
-// output and the BN's input gradient stay in fp32 inside the fused passes (torch's ops store them in bf16;
-// the BatchNorm + GELU kernels before this one kept them in fp32 too). Per-unit sums are combined in image
-// order in double: results do not depend on the thread count.
+// Values are rounded to the element type where torch's ops under autocast store them (c1, the GELU's and the
+// BN's output, each conv's output and input gradient, the BN + GELU backward's output, the residual sums);
+// the BN's input gradient stays in fp32 inside the fused pass (torch's ops store it in bf16). Per-unit sums
+// are combined in image order in double: results do not depend on the thread count.
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
@@ -323,9 +324,11 @@ Shape check_images(const char* op, std::initializer_list<std::pair<const at::Ten
   return Shape{first->size(0), first->size(1), first->size(2), first->size(3)};
 }
 
-// (c1, mean, biased variance of GELU(c1) per channel) for c1 = conv1(h) = depthwise(h, w1) + b1.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Tensor& h, const at::Tensor& w1,
-                                                                    const at::Tensor& b1) {
+// (c1, act, mean and biased variance of act per channel) for c1 = conv1(h) = depthwise(h, w1) + b1 and
+// act = GELU(c1).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Tensor& h,
+                                                                                const at::Tensor& w1,
+                                                                                const at::Tensor& b1) {
   const char* op = "fan_dw_forward_stats";
   const Shape s = check_images(op, {{&h, "h"}});
   check_float(op, w1, "w1", {s.C, 1, 3, 3});
@@ -333,14 +336,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Te
   const int64_t Cp = s.padded_channels(), HW = s.H * s.W;
   const auto taps = taps_of(w1, s, false), bias = padded(b1, s);
   std::vector<float> part(s.B * 2 * Cp, 0.f);  // per image: the unit's mean and sum of squared deviations
-  auto c1 = at::empty_like(h);
+  auto c1 = at::empty_like(h), act = at::empty_like(h);
   dispatch(h, op, [&](auto tag) {
     using E = decltype(tag);
     const E* ph = h.const_data_ptr<E>();
-    E* pc = c1.data_ptr<E>();
+    E *pc = c1.data_ptr<E>(), *pa = act.data_ptr<E>();
     for_units<3>(s, {{ph, sizeof(E)}}, [&](const Unit& u) {
       const auto [b, c0, nc] = std::tuple{u.b, u.c0, u.nc};
-      Tile &in = u.tiles[0], &out = u.tiles[1], &z = u.tiles[2];  // z: GELU(c1), for the centred sum of squares
+      Tile &in = u.tiles[0], &out = u.tiles[1], &z = u.tiles[2];  // z: GELU(c1), kept for the sum of squares
       fill(in, ph, s, b, c0, nc);
       for (int64_t v = 0; v < vectors(nc); ++v) {
         const Taps w(taps, Cp, c0, v);
@@ -352,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Te
           for (int k = 0; k < N(); ++k) {
             a[k] = round_to<E>(a[k]);
             out.put(y, x0 + k, v, a[k]);
-            a[k] = gelu(a[k]);
+            a[k] = round_to<E>(gelu(a[k]));
             z.put(y, x0 + k, v, a[k]);
             sum += a[k];
           }
@@ -369,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Te
         m2.store(part.data() + (b * 2 + 1) * Cp + c0 + v * kV);
       }
       flush(out, pc, s, b, c0, nc);
+      flush(z, pa, s, b, c0, nc);
     });
     return 0;
   }, "h");
@@ -386,36 +390,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fan_dw_forward_stats(const at::Te
     mean[c] = m;
     var[c] = m2 / n;
   }
-  return {c1, channel_vector(mean), channel_vector(var)};
+  return {c1, act, channel_vector(mean), channel_vector(var)};
 }
 
-// s = conv2(GELU(c1) * scale + shift) [+ h]: BN with its statistics folded into scale and shift, conv2 =
+// s = conv2(act * scale + shift) [+ h]: BN with its statistics folded into scale and shift, conv2 =
 // depthwise(., w2) + b2, the residual h when given.
-at::Tensor fan_dw_forward_apply(const at::Tensor& c1, const at::Tensor& scale, const at::Tensor& shift,
+at::Tensor fan_dw_forward_apply(const at::Tensor& act, const at::Tensor& scale, const at::Tensor& shift,
                                 const at::Tensor& w2, const at::Tensor& b2, const std::optional<at::Tensor>& h) {
   const char* op = "fan_dw_forward_apply";
-  const Shape s = h ? check_images(op, {{&c1, "c1"}, {&*h, "h"}}) : check_images(op, {{&c1, "c1"}});
+  const Shape s = h ? check_images(op, {{&act, "act"}, {&*h, "h"}}) : check_images(op, {{&act, "act"}});
   check_float(op, w2, "w2", {s.C, 1, 3, 3});
   for (auto [t, name] : {std::pair{&scale, "scale"}, {&shift, "shift"}, {&b2, "b2"}})
     check_float(op, *t, name, {s.C});
   const int64_t Cp = s.padded_channels();
   const auto taps = taps_of(w2, s, false), bias = padded(b2, s), sc = padded(scale, s), sh = padded(shift, s);
-  auto out = at::empty_like(c1);
-  dispatch(c1, op, [&](auto tag) {
+  auto out = at::empty_like(act);
+  dispatch(act, op, [&](auto tag) {
     using E = decltype(tag);
-    const E* pc = c1.const_data_ptr<E>();
+    const E* pa = act.const_data_ptr<E>();
     const E* ph = h ? h->const_data_ptr<E>() : nullptr;
     E* po = out.data_ptr<E>();
-    for_units<3>(s, {{pc, sizeof(E)}, {ph, ph ? sizeof(E) : 0}}, [&](const Unit& u) {
+    for_units<3>(s, {{pa, sizeof(E)}, {ph, ph ? sizeof(E) : 0}}, [&](const Unit& u) {
       const auto [b, c0, nc] = std::tuple{u.b, u.c0, u.nc};
       Tile &bn = u.tiles[0], &res = u.tiles[1], &out = u.tiles[2];
-      fill(bn, pc, s, b, c0, nc);
+      fill(bn, pa, s, b, c0, nc);
       if (ph) fill(res, ph, s, b, c0, nc);
       for (int64_t v = 0; v < vectors(nc); ++v) {
         const Vec scv = Vec::loadu(sc.data() + c0 + v * kV), shv = Vec::loadu(sh.data() + c0 + v * kV);
         for (int64_t y = 0; y < s.H; ++y)
           for (int64_t x = 0; x < s.W; ++x)
-            bn.put(y, x, v, round_to<E>(at::vec::fmadd(gelu(bn.get(y, x, v)), scv, shv)));
+            bn.put(y, x, v, round_to<E>(at::vec::fmadd(bn.get(y, x, v), scv, shv)));
       }
       for (int64_t v = 0; v < vectors(nc); ++v) {
         const Taps w(taps, Cp, c0, v);
@@ -433,22 +437,23 @@ at::Tensor fan_dw_forward_apply(const at::Tensor& c1, const at::Tensor& scale, c
       flush(out, po, s, b, c0, nc);
     });
     return 0;
-  }, "c1");
+  }, "act");
   return out;
 }
 
 // Gradients of the block given grad = dL/ds: dL/dh is written over grad; returns (grad w1, grad b1, grad BN
-// weight, grad BN bias, grad w2, grad b2, the column sums of dL/dh). mean, invstd: GELU(c1)'s batch
-// statistics; weight: BN's; scale, shift: as given to fan_dw_forward_apply.
+// weight, grad BN bias, grad w2, grad b2, the column sums of dL/dh). c1, act: from fan_dw_forward_stats;
+// mean, invstd: act's batch statistics; weight: BN's; scale, shift: as given to fan_dw_forward_apply.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fan_dw_backward_(
-    const at::Tensor& grad, const at::Tensor& c1, const at::Tensor& h, const at::Tensor& mean,
-    const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& shift,
-    const at::Tensor& w1, const at::Tensor& w2, bool residual) {
+    const at::Tensor& grad, const at::Tensor& c1, const at::Tensor& act, const at::Tensor& h,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& scale,
+    const at::Tensor& shift, const at::Tensor& w1, const at::Tensor& w2, bool residual) {
   const char* op = "fan_dw_backward_";
-  const Shape s = check_images(op, {{&grad, "grad"}, {&c1, "c1"}, {&h, "h"}});
+  const Shape s = check_images(op, {{&grad, "grad"}, {&c1, "c1"}, {&act, "act"}, {&h, "h"}});
   TORCH_CHECK(at::get_overlap_status(grad, c1) == at::MemOverlapStatus::No &&
+                  at::get_overlap_status(grad, act) == at::MemOverlapStatus::No &&
                   at::get_overlap_status(grad, h) == at::MemOverlapStatus::No,
-              op, ": grad (overwritten with dL/dh) must not share memory with c1 or h");
+              op, ": grad (overwritten with dL/dh) must not share memory with c1, act or h");
   check_float(op, w1, "w1", {s.C, 1, 3, 3});
   check_float(op, w2, "w2", {s.C, 1, 3, 3});
   for (auto [t, name] : {std::pair{&mean, "mean"}, {&invstd, "invstd"}, {&weight, "weight"}, {&scale, "scale"},
@@ -458,17 +463,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto w1f = taps_of(w1, s, true), w2f = taps_of(w2, s, true), sc = padded(scale, s),
              sh = padded(shift, s), mu = padded(mean, s);
   // Pass 1, per unit: gy = dL/dBN-output, conv2's input gradient (rounded as stored), with the sums of gy and
-  // of gy * (GELU(c1) - mean) for BN; conv2's weight and bias gradients from the recomputed BN output.
+  // of gy * (act - mean) for BN; conv2's weight and bias gradients from the recomputed BN output.
   const int64_t rows1 = kTaps + 3;  // taps, bias, sum gy, sum gy * (x' - mean)
   std::vector<float> part1(s.B * rows1 * Cp, 0.f);
   dispatch(grad, op, [&](auto tag) {
     using E = decltype(tag);
-    const E *pg = grad.const_data_ptr<E>(), *pc = c1.const_data_ptr<E>();
-    for_units<2>(s, {{pg, sizeof(E)}, {pc, sizeof(E)}}, [&](const Unit& u) {
+    const E *pg = grad.const_data_ptr<E>(), *pa = act.const_data_ptr<E>();
+    for_units<2>(s, {{pg, sizeof(E)}, {pa, sizeof(E)}}, [&](const Unit& u) {
       const auto [b, c0, nc] = std::tuple{u.b, u.c0, u.nc};
       Tile &g = u.tiles[0], &bn = u.tiles[1];
       fill(g, pg, s, b, c0, nc);
-      fill(bn, pc, s, b, c0, nc);
+      fill(bn, pa, s, b, c0, nc);
       float* out = part1.data() + b * rows1 * Cp + c0;
       for (int64_t v = 0; v < vectors(nc); ++v) {
         const Taps w(w2f, Cp, c0, v);
@@ -480,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           conv_run<N()>(g, y, x0, v, w, Vec(0.f), gy);
           for (int k = 0; k < N(); ++k) {
             gy[k] = round_to<E>(gy[k]);
-            const Vec z = gelu(bn.get(y, x0 + k, v));
+            const Vec z = bn.get(y, x0 + k, v);
             sum_g += gy[k];
             sum_gx = at::vec::fmadd(gy[k], z - muv, sum_gx);
             bn.put(y, x0 + k, v, round_to<E>(at::vec::fmadd(z, scv, shv)));
@@ -534,6 +539,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           for (int k = 0; k < N(); ++k) {
             Vec z, slope;
             gelu_and_grad(gc.get(y, x0 + k, v), z, slope);
+            z = round_to<E>(z);  // act's value
             const Vec rest = at::vec::fmadd(z - muv, bb, d);
             gc.put(y, x0 + k, v, round_to<E>(at::vec::fmadd(round_to<E>(gy[k]), a, rest) * slope));
           }
@@ -565,12 +571,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(stl_cpu, m) {
-  m.def("fan_dw_forward_stats(Tensor h, Tensor w1, Tensor b1) -> (Tensor, Tensor, Tensor)");
+  m.def("fan_dw_forward_stats(Tensor h, Tensor w1, Tensor b1) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
-      "fan_dw_forward_apply(Tensor c1, Tensor scale, Tensor shift, Tensor w2, Tensor b2, Tensor? h) -> Tensor");
+      "fan_dw_forward_apply(Tensor act, Tensor scale, Tensor shift, Tensor w2, Tensor b2, Tensor? h) -> Tensor");
   m.def(
-      "fan_dw_backward_(Tensor(a!) grad, Tensor c1, Tensor h, Tensor mean, Tensor invstd, Tensor weight, "
-      "Tensor scale, Tensor shift, Tensor w1, Tensor w2, bool residual) "
+      "fan_dw_backward_(Tensor(a!) grad, Tensor c1, Tensor act, Tensor h, Tensor mean, Tensor invstd, "
+      "Tensor weight, Tensor scale, Tensor shift, Tensor w1, Tensor w2, bool residual) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -89,6 +89,22 @@ def _fold_out_scale(
     return weight, (bias * scale if bias is not None else None)
 
 
+def _project(linear: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``linear(x)``, times a per-output-channel ``scale`` (a layer scale) folded into its weight and bias
+    when given; an ``nn.Linear`` through the CPU kernels' bf16 linear where they serve ``x`` (the bias added
+    in the matmul's epilogue)."""
+    kernels = type(linear) is nn.Linear and _records_eager_backward(x, linear.weight)
+    if kernels and cpu_kernels.applies_to_linear(x):
+        weight, bias = linear.weight, linear.bias
+        if scale is not None:
+            weight, bias = _fold_out_scale(weight, bias, scale)
+        return cpu_kernels.linear(x, weight, bias)
+    if scale is None:
+        return linear(x)
+    weight, bias = _fold_out_scale(linear.weight, linear.bias, scale)
+    return F.linear(x, weight, bias)
+
+
 def _tokens_to_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
     """[B, N, C] tokens -> [B, C, H, W] as a channels-last *view* (no copy when x is contiguous)."""
     B, N, C = x.shape
@@ -465,11 +481,12 @@ class _FanMlpFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w1, b1, c1w, c1b, bn_w, bn_b, bn_mean, bn_var, c2w, c2b, w2, b2, meta):  # type: ignore[override]
-        H, W, residual, bn_training, bn_kernels, momentum, eps = meta
+        H, W, residual, bn_training, bn_kernels, momentum, eps, linear_kernels = meta
         B, N, _ = x.shape
         hidden = w1.shape[0]
         x2 = x.reshape(B * N, -1)
-        h = torch.addmm(b1, x2, w1.t())
+        affine = cpu_kernels.linear_with_bias if linear_kernels else lambda a, w, b: torch.addmm(b, a, w.t())
+        h = affine(x2, w1, b1)
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
         kernels = bn_kernels and cpu_kernels.applies(h_img) and c1w.shape[-2:] == (3, 3)
@@ -490,7 +507,7 @@ class _FanMlpFunction(torch.autograd.Function):
             if residual:
                 s.add_(h)  # c2 is not saved: summing into it is safe
             saved = (act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out)
-        out = torch.addmm(b2, s, w2.t())
+        out = affine(s, w2, b2)
         ctx.save_for_backward(x2, w1, h, c1w, c1, c2w, s, w2, *saved)
         ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels)
         ctx.dtypes = b1.dtype, c1b.dtype, c2b.dtype  # of the kernels' fp32 gradients
@@ -606,7 +623,8 @@ class FanMlp(nn.Module):
             device, [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
         )
         tail_args = _as_autocast_inputs(device, [c2w, c2b, self.fc2.weight, self.fc2.bias])
-        meta = (H, W, self.dwconv_residual, bn.training, cpu_kernels.serves_batch_norm(bn), momentum, bn.eps)
+        meta = (H, W, self.dwconv_residual, bn.training, cpu_kernels.serves_batch_norm(bn), momentum, bn.eps,
+                cpu_kernels.applies_to_linear(x))  # fc1 and fc2 with the bias in the matmul's epilogue
         with torch.autocast(device, enabled=False):
             return _FanMlpFunction.apply(
                 *matmul_args, bn.weight, bn.bias, bn.running_mean, bn.running_var, *tail_args, meta
@@ -689,7 +707,7 @@ class TokenMixing(nn.Module):
         for the ``kv`` projection, when they come separately (a bf16 copy, see :func:`_norm_for_matmuls`)."""
         B, N, C = x.shape
         h, d = self.num_heads, self.head_dim
-        q, kv = self.q(x), self.kv(x if kv_input is None else kv_input)
+        q, kv = _project(self.q, x), _project(self.kv, x if kv_input is None else kv_input)
         dropout_p = self.attn_drop if self.training else 0.0
         # (eager first: applies_to_attention asks an op, which torch.compile would break its graph on)
         if dropout_p == 0.0 and _records_eager_backward(q, kv) and cpu_kernels.applies_to_attention(q, kv):
@@ -698,10 +716,7 @@ class TokenMixing(nn.Module):
             q = q.view(B, N, h, d).transpose(1, 2)
             k, v = kv.view(B, N, 2, h, d).permute(2, 0, 3, 1, 4).unbind(0)
             x = _attention(q, k, v, dropout_p).transpose(1, 2).reshape(B, N, C)
-        weight, bias = self.proj.weight, self.proj.bias
-        if scale is not None:
-            weight, bias = _fold_out_scale(weight, bias, scale)
-        return self.proj_drop(F.linear(x, weight, bias))
+        return self.proj_drop(_project(self.proj, x, scale))
 
 
 class ChannelProcessing(nn.Module):
@@ -741,7 +756,7 @@ class ChannelProcessing(nn.Module):
         :func:`_norm_for_matmuls`)."""
         B, N, C = x.shape
         h = self.num_heads
-        q = self.q(x if q_input is None else q_input)
+        q = _project(self.q, x if q_input is None else q_input)
         if cpu_kernels.applies_to_tokens(q, x) and _records_eager_backward(q, x):
             gate = cpu_kernels.channel_gate(q, x, h).view(B, h, C // h).sigmoid()
         else:

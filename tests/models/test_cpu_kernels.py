@@ -545,6 +545,40 @@ def test_layer_norm_cast_does_not_depend_on_the_thread_count_and_names_wrong_arg
         assert not cpu_kernels.applies_to_layer_norm(x, norm)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(2, 196, 192), (7, 20)])
+def test_linear_with_the_bias_in_the_epilogue_matches_torch(kernels: None, bias: bool,
+                                                            shape: tuple[int, ...]) -> None:
+    """The kernels' bf16 linear under autocast: torch's output and gradients (its bf16 matmuls) to a bf16
+    rounding of the output, float rounding of the gradients."""
+    if not (cpu_kernels._packs_bf16() and cpu_kernels._has_linear_pointwise()):
+        pytest.skip("no AMX tiles or no oneDNN linear here: the kernels leave bf16 linears to torch")
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(shape[-1], 48, bias=bias)
+    x0, grad = torch.randn(*shape), torch.randn(*shape[:-1], 48).bfloat16()
+    results = []
+    for fn in (cpu_kernels.linear, F.linear):
+        x = x0.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cpu_kernels.applies_to_linear(x)
+            out = fn(x, layer.weight, layer.bias)
+        out.backward(grad)
+        results.append([out.detach(), x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
+    ours, theirs = results
+    assert [t.dtype for t in ours] == [t.dtype for t in theirs]
+    for got, want in zip(ours, theirs, strict=True):
+        ulp = 2.0**-7 if got.dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * float(want.abs().max()))
+    x = x0.clone().requires_grad_()
+    assert not cpu_kernels.applies_to_linear(x)  # no autocast
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not cpu_kernels.applies_to_linear(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cpu_kernels._set(False)
+        assert not cpu_kernels.applies_to_linear(x)
+
+
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
     """momentum=None (a cumulative average over batches) as torch; a gradient that is not channels-last."""
     bn, ref_bn = _bn(8), _bn(8)
@@ -827,7 +861,8 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
     its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention"), each residual
-    add of a FAN block's branch ("residual") and each LayerNorm with bf16 copies ("layer_norm")."""
+    add of a FAN block's branch ("residual"), each LayerNorm with bf16 copies ("layer_norm") and each bf16
+    linear with its bias in the matmul ("linear")."""
     calls: list[str] = []
 
     def count(attr: str, label: Callable[..., str]) -> None:
@@ -841,7 +876,7 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     for attr, name in (("bn_train_forward", "bn"), ("fan_dw_forward", "dwconv"),
                        ("gelu_backward_sum_", "gelu"), ("channel_gate", "gate"), ("attention", "attention"),
-                       ("residual", "residual"), ("layer_norm_cast", "layer_norm")):
+                       ("residual", "residual"), ("layer_norm_cast", "layer_norm"), ("linear", "linear")):
         count(attr, lambda *args, name=name, **kwargs: name)
     count("depthwise_weight_grad", lambda grad_out, x, kernel_size: "depthwise{}x{}".format(*kernel_size))
     return calls
@@ -927,6 +962,8 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     # both LayerNorms of each block but the first, whose input is bf16 (the positional encoding's output)
     assert kernel_calls.count("layer_norm") == 2 * len(plain.blocks) - 2
+    # q, kv and the projection of each block's attention, q of its channel gate (where AMX serves bf16)
+    assert kernel_calls.count("linear") == 4 * len(plain.blocks) * cpu_kernels._packs_bf16()
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
 

@@ -41,7 +41,8 @@ from typing import ParamSpec, TypeVar
 import torch
 
 __all__ = ["attention", "batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
-           "keeps_cpu_kernels_setting", "layer_norm_cast", "linear", "residual", "use_cpu_kernels"]
+           "keeps_cpu_kernels_setting", "layer_norm_cast", "layer_norm_residual", "linear", "residual",
+           "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -486,6 +487,60 @@ def layer_norm_cast(
     matmul and their gradients' conversions and sums; use where :func:`applies_to_layer_norm` holds."""
     with torch.autocast("cpu", enabled=False):
         return _LayerNormCast.apply(x, norm.weight, norm.bias, (norm.eps, copies, keep_float))
+
+
+def applies_to_layer_norm_residual(
+    x: torch.Tensor, m: torch.Tensor, norm: torch.nn.Module, gate: torch.Tensor
+) -> bool:
+    """Whether the kernels serve ``x + norm(m) * gate`` (see :func:`layer_norm_residual`): switched on, ``x``
+    and ``m`` contiguous [B, N, C] CPU tokens, ``x`` fp32 and ``m`` fp32 or bf16, ``gate`` a contiguous fp32
+    [B, 1, C] tensor and ``norm`` an ``nn.LayerNorm`` over C with fp32 weight and bias. The caller checks
+    that autograd records an eager backward."""
+    return (
+        applies_to_tokens(x, m)
+        and x.dtype == torch.float32
+        and gate.dtype == torch.float32
+        and gate.shape == (x.shape[0], 1, x.shape[2])
+        and gate.is_contiguous()
+        and type(norm) is torch.nn.LayerNorm
+        and norm.normalized_shape == (x.shape[-1],)
+        and norm.weight is not None
+        and norm.bias is not None
+        and norm.weight.dtype == norm.bias.dtype == torch.float32
+    )
+
+
+class _LayerNormResidual(torch.autograd.Function):
+    """``x + LN(m) * gate`` (see :func:`layer_norm_residual`); saves ``m``, the gate and two statistics per
+    row, LN(m) is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, m, weight, bias, gate, eps):  # type: ignore[override]
+        out, stats = torch.ops.stl_cpu.layer_norm_residual(x, m, weight, bias, gate, eps)
+        ctx.save_for_backward(m, weight, bias, gate, stats)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):  # type: ignore[override]
+        m, weight, bias, gate, stats = ctx.saved_tensors
+        grad = grad.float().contiguous()
+        grad_m, grad_w, grad_b, grad_gate = torch.ops.stl_cpu.layer_norm_residual_backward(
+            grad, m, weight, bias, gate, stats
+        )
+        return grad, grad_m, grad_w, grad_b, grad_gate, None
+
+
+def layer_norm_residual(
+    x: torch.Tensor, m: torch.Tensor, norm: torch.nn.LayerNorm, gate: torch.Tensor
+) -> torch.Tensor:
+    """``x + norm(m) * gate`` in one pass each way: a FAN block's channel branch (``m`` its MLP's output,
+    ``gate`` the channel gate) added to the residual stream, with ``norm(m)`` rounded to ``m``'s dtype as
+    torch's LayerNorm stores it (bf16 under autocast) and, backward, its gradient too; instead of a
+    LayerNorm, the residual add and their backward passes. Use where :func:`applies_to_layer_norm_residual`
+    holds."""
+    with torch.autocast("cpu", enabled=False):
+        return _LayerNormResidual.apply(x, m, norm.weight, norm.bias, gate, norm.eps)
 
 
 @functools.cache

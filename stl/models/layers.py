@@ -773,15 +773,18 @@ class ChannelProcessing(nn.Module):
         W: int,
         scale: torch.Tensor | None = None,
         matmul_inputs: tuple[torch.Tensor, torch.Tensor] | None = None,
+        normalize: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(v [B, N, C], gate [B, 1, C]); the output is ``v * gate``, ``scale`` is folded into the gate.
         ``matmul_inputs``: the values of ``x`` for the gate's ``q`` projection and for the MLP, when they come
-        separately (bf16 copies, see :func:`_norm_for_matmuls`)."""
+        separately (bf16 copies, see :func:`_norm_for_matmuls`). ``normalize=False``: v before ``norm_v``,
+        for a caller that applies it itself."""
         q_input, mlp_input = (x, x) if matmul_inputs is None else matmul_inputs
         gate = self.channel_gate(x, q_input)
         if scale is not None:
             gate = gate * scale
-        return self.norm_v(self.mlp_v(mlp_input, H, W)), gate
+        v = self.mlp_v(mlp_input, H, W)
+        return (self.norm_v(v) if normalize else v), gate
 
     def forward(self, x: torch.Tensor, H: int, W: int, scale: torch.Tensor | None = None) -> torch.Tensor:
         v, gate = self.gated_value(x, H, W, scale)
@@ -957,10 +960,15 @@ class FANBlock(nn.Module):
         """x + drop_path(gamma2 * mlp(norm2(x))), with gamma2 folded into the channel gate."""
         normed = _norm_for_matmuls(self.norm2, x, copies=2, keep_float=True)  # q and the MLP; the gate
         if normed is None:
-            v, gate = self.mlp.gated_value(self.norm2(x), H, W, scale=self.gamma2)
+            y, matmul_inputs = self.norm2(x), None
         else:
-            y, q_input, mlp_input = normed
-            v, gate = self.mlp.gated_value(y, H, W, scale=self.gamma2, matmul_inputs=(q_input, mlp_input))
+            y, matmul_inputs = normed[0], (normed[1], normed[2])
+        m, gate = self.mlp.gated_value(y, H, W, self.gamma2, matmul_inputs, normalize=False)
+        norm = self.mlp.norm_v  # applied to m here, in the kernel that adds the branch where it serves
+        if (not self._drops_paths() and _records_eager_backward(x, m)
+                and cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate)):
+            return cpu_kernels.layer_norm_residual(x, m, norm, gate)
+        v = norm(m)
         if self._drops_paths():
             return x + self.drop_path(v * gate)
         if _kernels_add(x, v, gate):

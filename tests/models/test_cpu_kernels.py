@@ -545,6 +545,68 @@ def test_layer_norm_cast_does_not_depend_on_the_thread_count_and_names_wrong_arg
         assert not cpu_kernels.applies_to_layer_norm(x, norm)
 
 
+@pytest.mark.parametrize("m_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 196, 192), (3, 5, 20), (1, 3, 7)])
+def test_layer_norm_residual_matches_torch(kernels: None, m_dtype: torch.dtype,
+                                           shape: tuple[int, ...]) -> None:
+    """``x + LN(m) * gate`` (a FAN block's channel branch added) against torch's LayerNorm and addcmul: the
+    output, x's, m's and the gate's gradients to float rounding (bf16 m: LN(m) and its gradient rounded to
+    bf16 where torch's ops store them); the LayerNorm's weight and bias gradients against float64 at least as
+    accurate as torch's (on bf16 m torch's are off by ~1.5% of their size, ours by ~2e-7)."""
+    B, N, C = shape
+    norm = _norm(C)
+    torch.manual_seed(1)
+    x0, m0 = torch.randn(B, N, C), (torch.randn(B, N, C) * 2 + 1).to(m_dtype)
+    gate0, grad = torch.rand(B, 1, C), torch.randn(B, N, C)
+    results = []
+    for fn in (cpu_kernels.layer_norm_residual, lambda x, m, n, g: torch.addcmul(x, n(m), g)):
+        x, m, gate = (t.clone().requires_grad_() for t in (x0, m0, gate0))
+        norm.zero_grad(set_to_none=True)
+        assert cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate)
+        out = fn(x, m, norm, gate)
+        out.backward(grad)
+        results.append((out.detach(), x.grad, m.grad, gate.grad, norm.weight.grad, norm.bias.grad))
+    ours, theirs = results
+    for got, want in zip(ours[:4], theirs[:4], strict=True):
+        assert got.dtype == want.dtype
+        rtol = 2.0**-7 if m_dtype == torch.bfloat16 else 2e-6
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()))
+    exact = copy.deepcopy(norm).double()
+    m = m0.double().requires_grad_()
+    exact(m).backward((grad * gate0).to(m_dtype).double())  # LN(m)'s gradient as torch's residual stores it
+    for got, torch_got, want in zip(ours[4:], theirs[4:], (exact.weight.grad, exact.bias.grad), strict=True):
+        err, torch_err = (float((v.double() - want).abs().max()) for v in (got, torch_got))
+        assert err <= 2 * torch_err + 1e-6 * float(want.abs().max()), (err, torch_err)
+
+
+def test_layer_norm_residual_is_thread_independent_and_names_wrong_arguments(kernels: None) -> None:
+    norm = _norm(24)
+    w, b = norm.weight.detach(), norm.bias.detach()
+    x, m, grad, gate = torch.randn(5, 50, 24), torch.randn(5, 50, 24).bfloat16(), torch.randn(5, 50, 24), \
+        torch.rand(5, 1, 24)
+    out, stats = torch.ops.stl_cpu.layer_norm_residual(x, m, w, b, gate, 1e-5)
+    one, two = _on_one_and_two_threads(
+        lambda: torch.ops.stl_cpu.layer_norm_residual_backward(grad, m, w, b, gate, stats))
+    assert all(torch.equal(a, c) for a, c in zip(one, two, strict=True))
+    with pytest.raises(RuntimeError, match=r"residual: x must be a contiguous float32 \[B, N, C\]"):
+        torch.ops.stl_cpu.layer_norm_residual(x.bfloat16(), m, w, b, gate, 1e-5)
+    with pytest.raises(RuntimeError, match=r"m must be a contiguous \[5, 50, 24\] CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_residual(x, m[:, :3].contiguous(), w, b, gate, 1e-5)
+    with pytest.raises(RuntimeError, match=r"gate must be a contiguous float32 \[5, 1, 24\] CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_residual(x, m, w, b, gate.bfloat16(), 1e-5)
+    with pytest.raises(RuntimeError, match=r"stats must be a contiguous float32 \[250, 2\] CPU tensor"):
+        torch.ops.stl_cpu.layer_norm_residual_backward(grad, m, w, b, gate, stats[:5])
+    with pytest.raises(RuntimeError, match="m must be float32 or bfloat16, got Half"):
+        torch.ops.stl_cpu.layer_norm_residual(x, m.half(), w, b, gate, 1e-5)
+    assert cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate)
+    assert not cpu_kernels.applies_to_layer_norm_residual(x.bfloat16(), m, norm, gate)
+    assert not cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate.bfloat16())
+    assert not cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate.expand(5, 50, 24))
+    assert not cpu_kernels.applies_to_layer_norm_residual(x, m, torch.nn.LayerNorm(24, bias=False), gate)
+    cpu_kernels._set(False)
+    assert not cpu_kernels.applies_to_layer_norm_residual(x, m, norm, gate)
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(2, 196, 192), (7, 20)])
 def test_linear_with_the_bias_in_the_epilogue_matches_torch(kernels: None, bias: bool,
@@ -861,8 +923,8 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each BatchNorm the kernels run ("bn"), each FAN MLP's depthwise block
     ("dwconv"), each depthwise weight gradient ("depthwise7x7", with its kernel size), each GELU backward with
     its bias sum ("gelu"), each channel gate ("gate"), each self-attention ("attention"), each residual
-    add of a FAN block's branch ("residual"), each LayerNorm with bf16 copies ("layer_norm") and each bf16
-    linear with its bias in the matmul ("linear")."""
+    add of a FAN block's branch ("residual", or "norm+residual" with the channel branch's LayerNorm), each
+    LayerNorm with bf16 copies ("layer_norm") and each bf16 linear with its bias in the matmul ("linear")."""
     calls: list[str] = []
 
     def count(attr: str, label: Callable[..., str]) -> None:
@@ -876,7 +938,8 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     for attr, name in (("bn_train_forward", "bn"), ("fan_dw_forward", "dwconv"),
                        ("gelu_backward_sum_", "gelu"), ("channel_gate", "gate"), ("attention", "attention"),
-                       ("residual", "residual"), ("layer_norm_cast", "layer_norm"), ("linear", "linear")):
+                       ("residual", "residual"), ("layer_norm_cast", "layer_norm"), ("linear", "linear"),
+                       ("layer_norm_residual", "norm+residual")):
         count(attr, lambda *args, name=name, **kwargs: name)
     count("depthwise_weight_grad", lambda grad_out, x, kernel_size: "depthwise{}x{}".format(*kernel_size))
     return calls
@@ -899,7 +962,7 @@ def test_models_train_the_same_with_and_without_kernels(name: str, kernels: None
     # BatchNorms, three GELUs after); the hybrid's ConvNeXt blocks' 7x7 depthwise convs
     assert kernel_calls.count("dwconv") == kernel_calls.count("gate") == blocks
     assert kernel_calls.count("attention") == blocks
-    assert kernel_calls.count("residual") == 2 * blocks
+    assert kernel_calls.count("residual") == kernel_calls.count("norm+residual") == blocks
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
     assert kernel_calls.count("depthwise7x7") == sum(isinstance(m, ConvNeXtBlock) for m in plain.modules())
     # fc1 -> GELU -> fc2 MLPs: the class-attention blocks' and the ConvNeXt blocks'
@@ -964,6 +1027,9 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert kernel_calls.count("layer_norm") == 2 * len(plain.blocks) - 2
     # q, kv and the projection of each block's attention, q of its channel gate (where AMX serves bf16)
     assert kernel_calls.count("linear") == 4 * len(plain.blocks) * cpu_kernels._packs_bf16()
+    # each block's residual adds; its channel branch's with the LayerNorm, but in the first (bf16 tokens)
+    assert kernel_calls.count("residual") == len(plain.blocks) + 1
+    assert kernel_calls.count("norm+residual") == len(plain.blocks) - 1
 
     large = [n for n, g in grads_e.items() if g.numel() >= 1000]
 
@@ -1010,7 +1076,7 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
         model(x)
     assert kernel_calls == []
     model.eval()(x)  # eval mode recording autograd: all but the BatchNorms (none in training mode)
-    assert kernel_calls == ["attention", "residual", "gate", "residual"] * len(model.blocks)
+    assert kernel_calls == ["attention", "residual", "gate", "norm+residual"] * len(model.blocks)
     kernel_calls.clear()
     # a model cast to bf16: no BatchNorm kernels (bf16 parameters); attention where AMX serves it, the channel
     # gates and token-mixing residuals (in bf16, as torch's ops give them; the channel branch's add has a bf16
@@ -1021,7 +1087,8 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     kernel_calls.clear()
     dropping = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32, drop_path_rate=0.1)
     _model_step(dropping.train(), x, y)  # drop path in training: torch's adds
-    assert "residual" not in kernel_calls and kernel_calls.count("gate") == len(model.blocks)
+    assert "residual" not in kernel_calls and "norm+residual" not in kernel_calls
+    assert kernel_calls.count("gate") == len(model.blocks)
     kernel_calls.clear()
     mixing = TokenMixing(16, num_heads=2, attn_drop=0.1)  # attention dropout in training: torch's ops
     mixing(torch.randn(2, 5, 16, requires_grad=True)).sum().backward()

@@ -44,7 +44,8 @@ std::pair<int64_t, int64_t> check_rows(const char* op, const at::Tensor& x, cons
 }
 
 // (mean, rstd) of row x of C values, as torch's LayerNorm takes them (biased variance, fp32).
-STL_INLINE std::pair<float, float> row_moments(const float* x, int64_t C, double eps) {
+template <typename X>
+STL_INLINE std::pair<float, float> row_moments(const X* x, int64_t C, double eps) {
   Vec acc(0.f);
   for_channels(C, [&](int64_t c, int64_t n) { acc += load(x + c, n); });
   const float mean = sum_lanes(acc) / static_cast<float>(C);
@@ -97,15 +98,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(cons
 
 // One row's backward: g (scratch, C floats) <- its summed gradient; dx; dweight and dbias (C floats each)
 // accumulated. gp: the bf16 copies' gradients, gf: the float32 output's (or null), all at the row.
-STL_INLINE void row_backward(const std::vector<const BFloat16*>& gp, const float* gf, const float* x,
-                             const float* w, float mean, float rstd, int64_t C, float* g, float* dx, float* dw,
-                             float* db) {
+// One row's LayerNorm backward given g, the gradient of its output (C floats): dx (rounded to X) and the
+// weight's and bias's gradients accumulated into dw and db (C floats each).
+template <typename X>
+STL_INLINE void row_backward(const float* g, const X* x, const float* w, float mean, float rstd, int64_t C, X* dx,
+                             float* dw, float* db) {
   Vec ds(0.f), dsum(0.f);
   for_channels(C, [&](int64_t c, int64_t n) {
-    Vec gv = gf ? load(gf + c, n) : Vec(0.f);
-    for (const BFloat16* p : gp) gv += load(p + c, n);
-    store(gv, g + c, n);
-    const Vec xv = load(x + c, n), wg = gv * load(w + c, n);
+    const Vec gv = load(g + c, n), xv = load(x + c, n), wg = gv * load(w + c, n);
     ds = at::vec::fmadd(wg, xv, ds);
     dsum += wg;
     const Vec xhat = at::vec::fmadd(xv, Vec(rstd), Vec(-rstd * mean));
@@ -150,19 +150,124 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_cast_backward(
   const int64_t blocks = (R + kBlock - 1) / kBlock;
   std::vector<float> part(blocks * 2 * C, 0.f);  // per block of rows: the weight's, then the bias's gradient
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-    std::vector<float> g(C);
-    std::vector<const BFloat16*> gr(gp.size());
+    std::vector<float> g(C);  // the row's gradient: the outputs' summed
     for (int64_t k = k0; k < k1; ++k) {
       float* dw = part.data() + k * 2 * C;
       for (int64_t r = k * kBlock; r < std::min(R, (k + 1) * kBlock); ++r) {
-        for (size_t i = 0; i < gp.size(); ++i) gr[i] = gp[i] + r * C;
-        row_backward(gr, gf ? gf + r * C : nullptr, xp + r * C, w, sp[2 * r], sp[2 * r + 1], C, g.data(),
-                     dxp + r * C, dw, dw + C);
+        for_channels(C, [&](int64_t c, int64_t n) {
+          Vec gv = gf ? load(gf + r * C + c, n) : Vec(0.f);
+          for (const BFloat16* p : gp) gv += load(p + r * C + c, n);
+          store(gv, g.data() + c, n);
+        });
+        row_backward(g.data(), xp + r * C, w, sp[2 * r], sp[2 * r + 1], C, dxp + r * C, dw, dw + C);
       }
     }
   });
   const auto sums = sum_in_image_order(part, blocks, 2 * C);
   return {grad_x, sums_row(sums, C, 0, C), sums_row(sums, C, 1, C)};
+}
+
+// Checks the tokens x (float32) and m, the LayerNorm's parameters and the gate of layer_norm_residual(_backward);
+// returns (B, N, C).
+std::tuple<int64_t, int64_t, int64_t> check_residual(const char* op, const at::Tensor& x, const at::Tensor& m,
+                                                     const at::Tensor& weight, const at::Tensor& bias,
+                                                     const at::Tensor& gate) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 3 && x.is_contiguous() &&
+                  x.size(2) > 0, op, ": x must be a contiguous float32 [B, N, C] CPU tensor with C > 0, got ",
+              x.sizes(), " ", x.scalar_type());
+  check_contiguous(op, m, "m", x.sizes());
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  check_float(op, weight, "weight", {C});
+  check_float(op, bias, "bias", {C});
+  check_float(op, gate, "gate", {B, 1, C});
+  return {B, N, C};
+}
+
+// LN(m) as torch's LayerNorm stores it (rounded to m's dtype), lanes c.. (n) of a row with statistics
+// (mean, rstd).
+template <typename X>
+STL_INLINE Vec normalized(const X* m, const float* w, const float* b, float mean, float rstd, int64_t c,
+                          int64_t n) {
+  const Vec xhat = at::vec::fmadd(load(m + c, n), Vec(rstd), Vec(-rstd * mean));
+  return round_to<X>(at::vec::fmadd(xhat, load(w + c, n), load(b + c, n)));
+}
+
+// out = x + LN(m) * gate: a FAN block's channel branch added to the residual stream x, m the branch's MLP
+// output before its LayerNorm, gate [B, 1, C] the channel gate. Returns (out, float32; stats [B * N, 2]).
+std::tuple<at::Tensor, at::Tensor> layer_norm_residual(const at::Tensor& x, const at::Tensor& m,
+                                                       const at::Tensor& weight, const at::Tensor& bias,
+                                                       const at::Tensor& gate, double eps) {
+  const char* op = "layer_norm_residual";
+  const auto [B, N, C] = check_residual(op, x, m, weight, bias, gate);
+  auto out = at::empty_like(x);
+  auto stats = at::empty({B * N, 2}, x.options());
+  const float *xp = x.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(),
+              *b = bias.const_data_ptr<float>(), *gp = gate.const_data_ptr<float>();
+  float *outp = out.data_ptr<float>(), *sp = stats.data_ptr<float>();
+  dispatch(m, op, [&](auto tag) {
+    using X = decltype(tag);
+    const X* mp = m.const_data_ptr<X>();
+    at::parallel_for(0, B * N, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const X* mr = mp + r * C;
+        const auto [mean, rstd] = row_moments(mr, C, eps);
+        sp[2 * r] = mean;
+        sp[2 * r + 1] = rstd;
+        const float* g = gp + (r / N) * C;
+        for_channels(C, [&](int64_t c, int64_t n) {
+          const Vec v = normalized(mr, w, b, mean, rstd, c, n);
+          store(at::vec::fmadd(v, load(g + c, n), load(xp + r * C + c, n)), outp + r * C + c, n);
+        });
+      }
+    });
+    return 0;
+  }, "m");
+  return {out, stats};
+}
+
+// Gradients of layer_norm_residual given grad = dL/dout (float32), for m (in its dtype), the LayerNorm's
+// weight and bias and the gate; x's is grad itself. As torch's ops: the LayerNorm's output gradient is
+// grad * gate rounded to m's dtype, the gate's is the sum over tokens of grad * LN(m). Each image's sums are
+// taken by one thread in token order and added in image order in double.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_residual_backward(
+    const at::Tensor& grad, const at::Tensor& m, const at::Tensor& weight, const at::Tensor& bias,
+    const at::Tensor& gate, const at::Tensor& stats) {
+  const char* op = "layer_norm_residual_backward";
+  const auto [B, N, C] = check_residual(op, grad, m, weight, bias, gate);
+  check_float(op, stats, "stats", {B * N, 2});
+  auto grad_m = at::empty_like(m);
+  auto grad_gate = at::empty({B, 1, C}, grad.options());
+  const float *gp = grad.const_data_ptr<float>(), *w = weight.const_data_ptr<float>(),
+              *b = bias.const_data_ptr<float>(), *gate_p = gate.const_data_ptr<float>(),
+              *sp = stats.const_data_ptr<float>();
+  float* ggp = grad_gate.data_ptr<float>();
+  std::vector<float> part(B * 2 * C, 0.f);  // per image: the weight's, then the bias's gradient
+  dispatch(m, op, [&](auto tag) {
+    using X = decltype(tag);
+    const X* mp = m.const_data_ptr<X>();
+    X* dmp = grad_m.data_ptr<X>();
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> g(C);  // a row's LayerNorm output gradient
+      for (int64_t i = b0; i < b1; ++i) {
+        float *gg = ggp + i * C, *dw = part.data() + i * 2 * C;
+        std::fill(gg, gg + C, 0.f);
+        const float* gate_i = gate_p + i * C;
+        for (int64_t r = i * N; r < (i + 1) * N; ++r) {
+          const float mean = sp[2 * r], rstd = sp[2 * r + 1];
+          const X* mr = mp + r * C;
+          for_channels(C, [&](int64_t c, int64_t n) {
+            const Vec dy = load(gp + r * C + c, n);
+            store(at::vec::fmadd(dy, normalized(mr, w, b, mean, rstd, c, n), load(gg + c, n)), gg + c, n);
+            store(round_to<X>(dy * load(gate_i + c, n)), g.data() + c, n);
+          });
+          row_backward(g.data(), mr, w, mean, rstd, C, dmp + r * C, dw, dw + C);
+        }
+      }
+    });
+    return 0;
+  }, "m");
+  const auto sums = sum_in_image_order(part, B, 2 * C);
+  return {grad_m, sums_row(sums, C, 0, C), sums_row(sums, C, 1, C), grad_gate};
 }
 
 }  // namespace
@@ -172,9 +277,15 @@ TORCH_LIBRARY_FRAGMENT(stl_cpu, m) {
         "-> (Tensor, Tensor[], Tensor)");
   m.def("layer_norm_cast_backward(Tensor[] grads, Tensor? grad_float, Tensor x, Tensor weight, Tensor stats) "
         "-> (Tensor, Tensor, Tensor)");
+  m.def("layer_norm_residual(Tensor x, Tensor m, Tensor weight, Tensor bias, Tensor gate, float eps) "
+        "-> (Tensor, Tensor)");
+  m.def("layer_norm_residual_backward(Tensor grad, Tensor m, Tensor weight, Tensor bias, Tensor gate, "
+        "Tensor stats) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(stl_cpu, CPU, m) {
   m.impl("layer_norm_cast", layer_norm_cast);
   m.impl("layer_norm_cast_backward", layer_norm_cast_backward);
+  m.impl("layer_norm_residual", layer_norm_residual);
+  m.impl("layer_norm_residual_backward", layer_norm_residual_backward);
 }

@@ -12,12 +12,13 @@ bias gradients of the ConvNeXt stem's 7x7 depthwise convs; the GELU backward of 
 fc1's bias gradient; FAN's channel gate (two softmaxes over the tokens, a per-head mean and a weighted sum,
 forward and backward); FAN's self-attention (TokenMixing: per image and head in cache, its matmuls
 through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for them); a FAN block's two
-residual adds (one pass each way, the channel branch's gate gradient summed in it); and, under bf16 autocast,
-a FAN block's two LayerNorms with a bf16 copy of the output per matmul after them (one pass each way instead
-of the LayerNorm, autocast's casts and their gradients' conversions and sums). Elsewhere (inference,
-CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops. Results match torch's to
-float rounding (bf16: torch's rounding or finer; built for AVX512-BF16, bf16 stores flush values below 1.2e-38
-to zero), so the switch is off by default, like ``fused=True`` AdamW.
+residual adds (one pass each way, the channel branch's gate gradient summed in it, and its LayerNorm too);
+and, under bf16 autocast, a FAN block's two LayerNorms with a bf16 copy of the output per matmul after them
+(one pass each way instead of the LayerNorm, autocast's casts and their gradients' conversions and sums) and
+its linears with the bias added in oneDNN's matmul (torch's addmm copies it into the output first).
+Elsewhere (inference, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops.
+Results match torch's to float rounding (bf16: torch's rounding or finer; built for AVX512-BF16, bf16 stores
+flush values below 1.2e-38 to zero), so the switch is off by default, like ``fused=True`` AdamW.
 
 The first build takes ~30 s and needs a C++ compiler and ninja; it is cached (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``). When the build fails, a warning says why and the models keep

@@ -1,20 +1,26 @@
-// LayerNorm over the last dim of tokens in training, handing its output to bf16 matmuls as autocast does, CPU:
+// A FAN block's LayerNorms in training, fused with what surrounds them, CPU. Each is
 //
 //   y = (x - mean) * rstd * weight + bias,  rstd = 1 / sqrt(var + eps)   (biased variance, per row)
 //
-// over float32 x, stored as `copies` bf16 tensors (one per matmul that reads y) and, when keep_float, as
-// float32 (for ops that autocast runs in fp32). Backward: the copies' gradients (bf16) and the float one are
-// summed in fp32 and taken through the LayerNorm's backward. Built with
-// bn_gelu.cpp (see there) and registered as torch.ops.stl_cpu.layer_norm_cast / layer_norm_cast_backward;
-// stl/models/layers.py (FANBlock) calls them through cpu_kernels.py.
+// over the last dim of [..., C] tokens:
 //
-// Why: under autocast torch's LayerNorm writes y in fp32 and each linear after it casts y to bf16 in a pass
-// of its own; in backward each cast's gradient is converted back to fp32 and summed in more passes before
-// LayerNorm's backward reads it. Here each way is one pass per row, a row staying in L1 between its reads. A
-// copy per matmul (not one bf16 tensor shared by them) keeps autocast's numbers: autograd sums the gradients of
-// one tensor in its dtype, so a shared bf16 y would round their sum to bf16. Row statistics follow torch's
-// formulas, in fp32; the weight and bias gradients are summed per block of rows and the blocks added in order
-// in double, so results do not depend on the thread count.
+// - layer_norm_cast: norm1 and norm2 under bf16 autocast, over float32 x. y is stored as `copies` bf16
+//   tensors (one per matmul that reads it) and, when keep_float, as float32 (for ops that autocast runs in
+//   fp32). Backward: the copies' gradients (bf16) and the float one summed in fp32, then LayerNorm's backward.
+//   Why: torch's LayerNorm writes y in fp32 and each linear after it casts y to bf16 in a pass of its own; in
+//   backward each cast's gradient is converted back to fp32 and summed in more passes. A copy per matmul (not
+//   one bf16 tensor shared by them) keeps autocast's numbers: autograd sums the gradients of one tensor in its
+//   dtype, so a shared bf16 y would round their sum to bf16.
+// - layer_norm_residual: the channel branch's norm_v with the residual add after it, out = x + LN(m) * gate
+//   (x float32, m the branch's MLP output, float32 or bf16, gate [B, 1, C]); LN(m) and its gradient are
+//   rounded to m's dtype where torch's ops store them. Why: torch's ops take a LayerNorm pass, the add's, and
+//   backward two more, writing and reading LN(m) and its gradient in between.
+//
+// Built with bn_gelu.cpp (see there) and registered as torch.ops.stl_cpu.layer_norm_cast(_backward) and
+// layer_norm_residual(_backward); stl/models/layers.py (FANBlock) calls them through cpu_kernels.py. Each way
+// is one pass per row, a row staying in L1 between its reads. Row statistics follow torch's formulas, in fp32;
+// the weight and bias gradients are summed in fp32 per block of rows (per image for layer_norm_residual, with
+// the gate's) and the blocks added in order in double, so results do not depend on the thread count.
 
 #include <ATen/Parallel.h>
 #include <c10/util/Exception.h>

@@ -90,8 +90,9 @@ class TrainConfig:
     fused_optimizer: bool = _spec(False, help="AdamW as torch's fused kernel (same update, rounding aside)")
     cpu_kernels: bool = _spec(False, help="this project's CPU training kernels (the FAN MLP's depthwise "
                               "block, BatchNorm+GELU, depthwise weight gradients, GELU backward, FAN's "
-                              "channel gate, self-attention and residual adds; fp32 or bf16; built on first "
-                              "use with a C++ compiler; same results, rounding aside)")
+                              "channel gate, self-attention, residual adds and, in bf16, LayerNorms and "
+                              "bias-fused linears; fp32 or bf16; built on first use with a C++ compiler; "
+                              "same results, rounding aside)")
     lr: float = _spec(2e-3, lo=0.0, hi=10.0, lo_open=True, help="peak learning rate")
     min_lr: float = _spec(1e-5, lo=0.0, hi=10.0, help="cosine schedule floor")
     warmup_lr: float = _spec(1e-6, lo=0.0, hi=10.0, help="learning rate at the start of warmup")

@@ -544,18 +544,24 @@ def layer_norm_residual(
         return _LayerNormResidual.apply(x, m, norm.weight, norm.bias, gate, norm.eps)
 
 
+_AUTOCAST_CASTS = (torch.float32, torch.bfloat16, torch.float16)
+
+
 @functools.cache
 def _has_linear_pointwise() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def applies_to_linear(x: torch.Tensor) -> bool:
+def applies_to_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernels serve a linear of ``x`` under bf16 autocast (see :func:`linear`): switched on, bf16
-    CPU autocast on, ``x`` a CPU tensor, where oneDNN multiplies bf16 matrices in AMX tiles and torch exposes
-    its matmul with a fused bias. The caller checks that autograd records an eager backward."""
+    CPU autocast on, ``x`` and ``weight`` CPU tensors of the dtypes autocast casts (not float64), where oneDNN
+    multiplies bf16 matrices in AMX tiles and torch exposes its matmul with a fused bias. The caller checks
+    that autograd records an eager backward."""
     return (
         _enabled
         and x.device.type == "cpu"
+        and x.dtype in _AUTOCAST_CASTS
+        and weight.dtype in _AUTOCAST_CASTS
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
         and _has_linear_pointwise()

@@ -94,7 +94,7 @@ def _project(linear: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = No
     when given; an ``nn.Linear`` through the CPU kernels' bf16 linear where they serve ``x`` (the bias added
     in the matmul's epilogue)."""
     kernels = type(linear) is nn.Linear and _records_eager_backward(x, linear.weight)
-    if kernels and cpu_kernels.applies_to_linear(x):
+    if kernels and cpu_kernels.applies_to_linear(x, linear.weight):
         weight, bias = linear.weight, linear.bias
         if scale is not None:
             weight, bias = _fold_out_scale(weight, bias, scale)
@@ -624,7 +624,7 @@ class FanMlp(nn.Module):
         )
         tail_args = _as_autocast_inputs(device, [c2w, c2b, self.fc2.weight, self.fc2.bias])
         meta = (H, W, self.dwconv_residual, bn.training, cpu_kernels.serves_batch_norm(bn), momentum, bn.eps,
-                cpu_kernels.applies_to_linear(x))  # fc1 and fc2 with the bias in the matmul's epilogue
+                cpu_kernels.applies_to_linear(x, self.fc1.weight))  # fc1, fc2: the bias in the matmul
         with torch.autocast(device, enabled=False):
             return _FanMlpFunction.apply(
                 *matmul_args, bn.weight, bn.bias, bn.running_mean, bn.running_var, *tail_args, meta

@@ -473,7 +473,7 @@ def test_layer_norm_cast_is_as_accurate_as_torch(kernels: None, shape: tuple[int
                                                   keep_float: bool) -> None:
     """LayerNorm with bf16 copies of its output for the matmuls after it, against float64 of the same inputs
     and gradients (largest error of y and of the input, weight and bias gradients): as accurate as torch's
-    LayerNorm with autocast's casts (up to 2x its error plus a floor at fp32 rounding; measured 0-2.07x, 0.92x
+    LayerNorm with autocast's casts (up to 2x its error plus a floor at fp32 rounding; measured 0-2.07x, 0.90x
     in the median, the largest on 5 x 7 values). Each copy is y rounded to bf16, autocast's cast of y."""
     norm = _norm(C)
     x = (torch.randn(*shape, C) * 3 + 1).requires_grad_()
@@ -508,6 +508,19 @@ def test_layer_norm_cast_is_as_accurate_as_torch(kernels: None, shape: tuple[int
     for got, torch_got, want in results:
         err, torch_err = (float((v.double() - want).abs().max()) for v in (got, torch_got))
         assert err <= 2 * torch_err + 1e-7 * float(want.abs().max()), (err, torch_err)
+
+
+def test_layer_norms_give_a_constant_row_its_bias_as_torch_does(kernels: None) -> None:
+    """A constant row normalises to exactly 0 (its deviations are scaled by 1 / sqrt(eps), so a mean off by
+    one rounding would give ~1e-3), in both ops, with any number of channels."""
+    for C in (1, 7, 192):
+        norm = torch.nn.LayerNorm(C, eps=1e-6)
+        x = torch.full((2, 3, C), 3.29999995)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, low = cpu_kernels.layer_norm_cast(x, norm, 1, True)
+        assert torch.equal(y, norm(x)) and torch.equal(y, torch.zeros_like(y)) and not low.any()
+        out = cpu_kernels.layer_norm_residual(torch.ones(2, 3, C), x, norm, torch.ones(2, 1, C))
+        assert torch.equal(out, torch.ones(2, 3, C))
 
 
 def test_layer_norm_cast_does_not_depend_on_the_thread_count_and_names_wrong_arguments(kernels: None) -> None:
@@ -623,7 +636,7 @@ def test_linear_with_the_bias_in_the_epilogue_matches_torch(kernels: None, bias:
         x = x0.clone().requires_grad_()
         layer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert cpu_kernels.applies_to_linear(x)
+            assert cpu_kernels.applies_to_linear(x, layer.weight)
             out = fn(x, layer.weight, layer.bias)
         out.backward(grad)
         results.append([out.detach(), x.grad, layer.weight.grad] + ([layer.bias.grad] if bias else []))
@@ -633,12 +646,14 @@ def test_linear_with_the_bias_in_the_epilogue_matches_torch(kernels: None, bias:
         ulp = 2.0**-7 if got.dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(got, want, rtol=ulp, atol=ulp * float(want.abs().max()))
     x = x0.clone().requires_grad_()
-    assert not cpu_kernels.applies_to_linear(x)  # no autocast
+    assert not cpu_kernels.applies_to_linear(x, layer.weight)  # no autocast
     with torch.autocast("cpu", dtype=torch.float16):
-        assert not cpu_kernels.applies_to_linear(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu_kernels.applies_to_linear(x, layer.weight)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast leaves float64 alone
+        assert not cpu_kernels.applies_to_linear(x.double(), layer.weight)
+        assert not cpu_kernels.applies_to_linear(x, layer.weight.double())
         cpu_kernels._set(False)
-        assert not cpu_kernels.applies_to_linear(x)
+        assert not cpu_kernels.applies_to_linear(x, layer.weight)
 
 
 def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:

@@ -49,20 +49,29 @@ std::pair<int64_t, int64_t> check_rows(const char* op, const at::Tensor& x, cons
   return {x.numel() / C, C};
 }
 
-// (mean, rstd) of row x of C values, as torch's LayerNorm takes them (biased variance, fp32).
+// (mean, rstd) of row x of C values, as torch's LayerNorm takes them (biased variance, fp32). Two passes,
+// the mean corrected by the deviations' sum (exact for a constant row, whose normalised values are then 0:
+// its deviations are scaled by 1 / sqrt(eps)).
 template <typename X>
 STL_INLINE std::pair<float, float> row_moments(const X* x, int64_t C, double eps) {
   Vec acc(0.f);
   for_channels(C, [&](int64_t c, int64_t n) { acc += load(x + c, n); });
-  const float mean = sum_lanes(acc) / static_cast<float>(C);
-  Vec sq(0.f);
+  float mean = sum_lanes(acc) / static_cast<float>(C);
+  Vec sum(0.f), sq(0.f);
   for_channels(C, [&](int64_t c, int64_t n) {
-    const Vec d = load(x + c, n) - Vec(mean);
-    sq = at::vec::fmadd(d, n == kV ? d : Vec::set(Vec(0.f), d, n), sq);  // the tail's zero lanes: -mean
+    Vec d = load(x + c, n) - Vec(mean);
+    if (n < kV) d = Vec::set(Vec(0.f), d, n);  // the tail's zero lanes: -mean
+    sum += d;
+    sq = at::vec::fmadd(d, d, sq);
   });
-  const float var = std::max(sum_lanes(sq) / static_cast<float>(C), 0.f);
+  const float shift = sum_lanes(sum) / static_cast<float>(C);
+  mean += shift;
+  const float var = std::max(sum_lanes(sq) / static_cast<float>(C) - shift * shift, 0.f);
   return {mean, 1.f / std::sqrt(var + static_cast<float>(eps))};
 }
+
+// (x - mean) * rstd: the normalised values (0 where x equals the mean, as torch's).
+STL_INLINE Vec normalise(const Vec& x, float mean, float rstd) { return (x - Vec(mean)) * Vec(rstd); }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(const at::Tensor& x,
                                                                             const at::Tensor& weight,
@@ -89,11 +98,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(cons
       const auto [mean, rstd] = row_moments(xr, C, eps);
       sp[2 * r] = mean;
       sp[2 * r + 1] = rstd;
-      const Vec scale(rstd), shift(-rstd * mean);
       for_channels(C, [&](int64_t c, int64_t n) {
-        // torch's order: (x * rstd - rstd * mean) * weight + bias
-        const Vec xhat = at::vec::fmadd(load(xr + c, n), scale, shift);
-        const Vec v = at::vec::fmadd(xhat, load(w + c, n), load(b + c, n));
+        const Vec v = at::vec::fmadd(normalise(load(xr + c, n), mean, rstd), load(w + c, n), load(b + c, n));
         if (yp) store(v, yp + r * C + c, n);
         for (BFloat16* p : lp) store(v, p + r * C + c, n);
       });
@@ -114,9 +120,8 @@ STL_INLINE void row_backward(const float* g, const X* x, const float* w, float m
     const Vec gv = load(g + c, n), xv = load(x + c, n), wg = gv * load(w + c, n);
     ds = at::vec::fmadd(wg, xv, ds);
     dsum += wg;
-    const Vec xhat = at::vec::fmadd(xv, Vec(rstd), Vec(-rstd * mean));
-    store(at::vec::fmadd(gv, xhat, load(dw + c, n)), dw + c, n);  // dweight += g * (x - mean) * rstd
-    store(load(db + c, n) + gv, db + c, n);                       // dbias += g
+    store(at::vec::fmadd(gv, normalise(xv, mean, rstd), load(dw + c, n)), dw + c, n);  // dweight += g * xhat
+    store(load(db + c, n) + gv, db + c, n);                                             // dbias += g
   });
   // torch's formulas: dx = rstd * w * g + a * x + b, a = (sum(w g) mean - sum(w g x)) rstd^3 / C,
   // b = -a * mean - sum(w g) * rstd / C
@@ -194,8 +199,7 @@ std::tuple<int64_t, int64_t, int64_t> check_residual(const char* op, const at::T
 template <typename X>
 STL_INLINE Vec normalized(const X* m, const float* w, const float* b, float mean, float rstd, int64_t c,
                           int64_t n) {
-  const Vec xhat = at::vec::fmadd(load(m + c, n), Vec(rstd), Vec(-rstd * mean));
-  return round_to<X>(at::vec::fmadd(xhat, load(w + c, n), load(b + c, n)));
+  return round_to<X>(at::vec::fmadd(normalise(load(m + c, n), mean, rstd), load(w + c, n), load(b + c, n)));
 }
 
 // out = x + LN(m) * gate: a FAN block's channel branch added to the residual stream x, m the branch's MLP

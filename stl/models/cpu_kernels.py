@@ -449,8 +449,16 @@ def applies_to_layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
         and x.is_contiguous()
         and torch.is_autocast_enabled("cpu")
         and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        and type(norm) is torch.nn.LayerNorm
-        and norm.normalized_shape == (x.shape[-1],)
+        and _serves_layer_norm(norm, x.shape[-1])
+    )
+
+
+def _serves_layer_norm(norm: torch.nn.Module, C: int) -> bool:
+    """Whether ``norm`` is one the LayerNorm kernels run: an ``nn.LayerNorm`` over C channels with fp32 weight
+    and bias."""
+    return (
+        type(norm) is torch.nn.LayerNorm
+        and norm.normalized_shape == (C,)
         and norm.weight is not None
         and norm.bias is not None
         and norm.weight.dtype == norm.bias.dtype == torch.float32
@@ -503,11 +511,7 @@ def applies_to_layer_norm_residual(
         and gate.dtype == torch.float32
         and gate.shape == (x.shape[0], 1, x.shape[2])
         and gate.is_contiguous()
-        and type(norm) is torch.nn.LayerNorm
-        and norm.normalized_shape == (x.shape[-1],)
-        and norm.weight is not None
-        and norm.bias is not None
-        and norm.weight.dtype == norm.bias.dtype == torch.float32
+        and _serves_layer_norm(norm, x.shape[-1])
     )
 
 

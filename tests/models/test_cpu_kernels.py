@@ -23,6 +23,7 @@ from stl.models.convnext_stem import ConvNeXtBlock
 from stl.models.layers import ChannelProcessing, ConvPatchEmbed, DWConv, FanMlp, GeluMlp, TokenMixing
 
 _T = TypeVar("_T")
+_N = TypeVar("_N", torch.nn.BatchNorm2d, torch.nn.LayerNorm)
 
 pytestmark = pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
                                 reason="no C++ compiler: the kernels cannot be built here")
@@ -44,13 +45,17 @@ def _channels_last(*shape: int, scale: float = 1.0, offset: float = 0.0) -> torc
     return (torch.randn(B, H, W, C) * scale + offset).permute(0, 3, 1, 2)
 
 
-def _bn(C: int, seed: int = 0) -> torch.nn.BatchNorm2d:
+def _randomised(norm: _N, seed: int = 0) -> _N:
+    """A normalisation layer with weights around 1 and biases around 0 (not its init's ones and zeros)."""
     torch.manual_seed(seed)
-    bn = torch.nn.BatchNorm2d(C)
     with torch.no_grad():
-        bn.weight.uniform_(0.5, 1.5)
-        bn.bias.uniform_(-0.5, 0.5)
-    return bn
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    return norm
+
+
+def _bn(C: int, seed: int = 0) -> torch.nn.BatchNorm2d:
+    return _randomised(torch.nn.BatchNorm2d(C), seed)
 
 
 # C = 24 and 48: the stem's widths; 20: a vector and a partial tail; 3 x 5 x 7: rows not a multiple of 4
@@ -458,12 +463,7 @@ def test_residual_does_not_depend_on_the_thread_count_and_names_wrong_arguments(
 
 
 def _norm(C: int, seed: int = 0) -> torch.nn.LayerNorm:
-    torch.manual_seed(seed)
-    norm = torch.nn.LayerNorm(C)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    return norm
+    return _randomised(torch.nn.LayerNorm(C), seed)
 
 
 # ViT-T's tokens; 20 channels (a vector and a tail), 7 (a tail only); rows not a multiple of the 32-row blocks

@@ -20,7 +20,15 @@ import torch.nn.functional as F
 
 from stl.models import cpu_kernels, fused_backward
 from stl.models.convnext_stem import ConvNeXtBlock
-from stl.models.layers import ChannelProcessing, ConvPatchEmbed, DWConv, FanMlp, GeluMlp, TokenMixing
+from stl.models.layers import (
+    ChannelProcessing,
+    ClassAttention,
+    ConvPatchEmbed,
+    DWConv,
+    FanMlp,
+    GeluMlp,
+    TokenMixing,
+)
 
 _T = TypeVar("_T")
 _N = TypeVar("_N", torch.nn.BatchNorm2d, torch.nn.LayerNorm)
@@ -1123,6 +1131,25 @@ def test_models_keep_torch_ops_where_the_kernels_do_not_apply(kernels: None, ker
     without = _mlp_step(plain, x, torch.ones(2, 12, 8), 3, 4)
     assert kernel_calls == []
     torch.testing.assert_close(with_kernels, without)
+
+
+def test_class_attention_keeps_sdpa_unless_the_kernels_are_on(kernels: None,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 class attention: SDPA with the kernels off (default results unchanged), two matmuls with them on
+    (SDPA's flash backward for one query is ~3 ms per block), the same values to bf16 rounding."""
+    calls: list[int] = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    torch.manual_seed(0)
+    attn = ClassAttention(32, num_heads=2)
+    x = torch.randn(2, 9, 32)
+    outs = []
+    for on in (False, True):
+        cpu_kernels._set(on)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(attn(x).detach())
+        assert len(calls) == 1  # the first pass only
+    torch.testing.assert_close(outs[1], outs[0], rtol=2**-6, atol=2**-6 * float(outs[0].abs().max()))
 
 
 def test_a_failed_build_warns_and_keeps_torch_ops(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

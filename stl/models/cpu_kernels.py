@@ -436,6 +436,11 @@ def residual(x: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None = None)
     return _Residual.apply(x, v, gate)
 
 
+def _bf16_autocast() -> bool:
+    """Whether CPU autocast is on, to bfloat16."""
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
 def applies_to_layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
     """Whether the kernels serve ``norm(x)`` for bf16 matmuls: switched on, bf16 CPU autocast on, ``x`` a
     contiguous fp32 CPU tensor of [..., C] tokens and ``norm`` an ``nn.LayerNorm`` over C with fp32 weight and
@@ -447,8 +452,7 @@ def applies_to_layer_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
         and x.dim() > 1
         and x.numel() > 0
         and x.is_contiguous()
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and _bf16_autocast()
         and _serves_layer_norm(norm, x.shape[-1])
     )
 
@@ -566,8 +570,7 @@ def applies_to_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.device.type == "cpu"
         and x.dtype in _AUTOCAST_CASTS
         and weight.dtype in _AUTOCAST_CASTS
-        and torch.is_autocast_enabled("cpu")
-        and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        and _bf16_autocast()
         and _has_linear_pointwise()
         and _packs_bf16()
     )

@@ -73,6 +73,14 @@ STL_INLINE std::pair<float, float> row_moments(const X* x, int64_t C, double eps
 // (x - mean) * rstd: the normalised values (0 where x equals the mean, as torch's).
 STL_INLINE Vec normalise(const Vec& x, float mean, float rstd) { return (x - Vec(mean)) * Vec(rstd); }
 
+// The LayerNorm's output as torch's stores it (rounded to X), lanes c.. (n) of row x with statistics (mean,
+// rstd).
+template <typename X>
+STL_INLINE Vec normalized(const X* x, const float* w, const float* b, float mean, float rstd, int64_t c,
+                          int64_t n) {
+  return round_to<X>(at::vec::fmadd(normalise(load(x + c, n), mean, rstd), load(w + c, n), load(b + c, n)));
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(const at::Tensor& x,
                                                                             const at::Tensor& weight,
                                                                             const at::Tensor& bias, double eps,
@@ -99,7 +107,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(cons
       sp[2 * r] = mean;
       sp[2 * r + 1] = rstd;
       for_channels(C, [&](int64_t c, int64_t n) {
-        const Vec v = at::vec::fmadd(normalise(load(xr + c, n), mean, rstd), load(w + c, n), load(b + c, n));
+        const Vec v = normalized(xr, w, b, mean, rstd, c, n);
         if (yp) store(v, yp + r * C + c, n);
         for (BFloat16* p : lp) store(v, p + r * C + c, n);
       });
@@ -108,8 +116,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor> layer_norm_cast(cons
   return {y, low, stats};
 }
 
-// One row's backward: g (scratch, C floats) <- its summed gradient; dx; dweight and dbias (C floats each)
-// accumulated. gp: the bf16 copies' gradients, gf: the float32 output's (or null), all at the row.
 // One row's LayerNorm backward given g, the gradient of its output (C floats): dx (rounded to X) and the
 // weight's and bias's gradients accumulated into dw and db (C floats each).
 template <typename X>
@@ -192,14 +198,6 @@ std::tuple<int64_t, int64_t, int64_t> check_residual(const char* op, const at::T
   check_float(op, bias, "bias", {C});
   check_float(op, gate, "gate", {B, 1, C});
   return {B, N, C};
-}
-
-// LN(m) as torch's LayerNorm stores it (rounded to m's dtype), lanes c.. (n) of a row with statistics
-// (mean, rstd).
-template <typename X>
-STL_INLINE Vec normalized(const X* m, const float* w, const float* b, float mean, float rstd, int64_t c,
-                          int64_t n) {
-  return round_to<X>(at::vec::fmadd(normalise(load(m + c, n), mean, rstd), load(w + c, n), load(b + c, n)));
 }
 
 // out = x + LN(m) * gate: a FAN block's channel branch added to the residual stream x, m the branch's MLP

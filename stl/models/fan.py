@@ -218,6 +218,13 @@ class FAN(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Image -> normalised tokens ``[B, 1 + N, C]`` (class token first)."""
+        x = self._tokens(x)
+        for blk in self.cls_attn_blocks:
+            x = blk(x)
+        return self.norm(x)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> the class-attention blocks' input, ``[B, 1 + N, C]``."""
         x, (H, W) = self.patch_embed(x)
         x = self.pos_drop(x + self.pos_embed(H, W))
         for blk in self.blocks:
@@ -225,10 +232,16 @@ class FAN(nn.Module):
                 x, H, W = checkpoint_block(blk, x, H, W)
             else:
                 x, H, W = blk(x, H, W)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for blk in self.cls_attn_blocks:
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def _forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward_features(x)[:, :1]``, bit for bit, without the last class-attention block's and the final
+        norm's work on the patch tokens, which only the token models' aux head reads."""
+        x = self._tokens(x)
+        *blocks, last = self.cls_attn_blocks
+        for blk in blocks:
             x = blk(x)
-        return self.norm(x)
+        return self.norm(last.forward_cls(x))
 
     def forward_head(
         self, x: torch.Tensor, pre_logits: bool = False
@@ -242,7 +255,9 @@ class FAN(nn.Module):
         return self.head(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_head(self.forward_features(x))
+        if self.return_dense or not len(self.cls_attn_blocks):
+            return self.forward_head(self.forward_features(x))
+        return self.forward_head(self._forward_cls(x))
 
 
 # registry ---------------------------------------------------------------------------------------------------

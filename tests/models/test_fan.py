@@ -113,6 +113,36 @@ def test_grad_checkpointing_same_result(make_tiny: MakeTiny, monkeypatch: pytest
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("kind", ["vit", "hybrid"])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_forward_computes_only_the_class_token_after_the_last_class_block(
+    make_tiny: MakeTiny, kind: str, bf16: bool
+) -> None:
+    # model(x) runs the last class-attention block and the final norm on the class token alone; logits and
+    # every gradient equal forward_head(forward_features(x)) bit for bit, with every dropout on
+    model = make_tiny(kind, drop_rate=0.3, drop_path_rate=0.2, proj_drop_rate=0.1, attn_drop_rate=0.1).train()
+    x = torch.randn(3, 3, 32, 48)
+    shapes: list[torch.Size] = []
+    hook = model.norm.register_forward_hook(lambda module, args, out: shapes.append(args[0].shape))
+
+    def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(x)
+        (out.float() * torch.arange(out.numel()).view_as(out)).sum().backward()
+        return out, [p.grad for p in model.parameters()]
+
+    out_full, grads_full = run(lambda t: model.forward_head(model.forward_features(t)))
+    out, grads = run(model)
+    hook.remove()
+    assert shapes == [(3, 1 + 6, 32), (3, 1, 32)]
+    assert torch.equal(out, out_full)
+    assert all(g is not None for g in grads)
+    for a, b in zip(grads, grads_full, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("kind", ["token", "se", "xlarge"])
 def test_bf16_autocast_forward_backward(make_tiny: MakeTiny, kind: str) -> None:
     model = make_tiny(kind).train()

@@ -91,7 +91,8 @@ class TrainConfig:
     cpu_kernels: bool = _spec(False, help="this project's CPU training kernels (the FAN MLP's depthwise "
                               "block, BatchNorm+GELU, depthwise weight gradients, GELU backward, FAN's "
                               "channel gate, self-attention, residual adds and, in bf16, LayerNorms and "
-                              "bias-fused linears; fp32 or bf16; built on first use with a C++ compiler; "
+                              "bias-fused linears with float weight gradients; fp32 or bf16; built on "
+                              "first use with a C++ compiler; "
                               "same results, rounding aside)")
     lr: float = _spec(2e-3, lo=0.0, hi=10.0, lo_open=True, help="peak learning rate")
     min_lr: float = _spec(1e-5, lo=0.0, hi=10.0, help="cosine schedule floor")

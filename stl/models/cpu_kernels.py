@@ -15,7 +15,9 @@ through ATen's batch-reduce GEMM, in bf16 only where the CPU has AMX tiles for t
 residual adds (one pass each way, the channel branch's gate gradient summed in it, and its LayerNorm too);
 and, under bf16 autocast, a FAN block's two LayerNorms with a bf16 copy of the output per matmul after them
 (one pass each way instead of the LayerNorm, autocast's casts and their gradients' conversions and sums) and
-its linears with the bias added in oneDNN's matmul (torch's addmm copies it into the output first).
+its linears with the bias added in oneDNN's matmul (torch's addmm copies it into the output first) and
+their weight and bias gradients computed in float (MKL's bf16 GEMM with a float output; autocast rounds
+them to bf16 and converts them).
 Elsewhere (inference, CUDA, ``torch.compile``, ``fused_backward(False)``) the models keep torch's ops.
 Results match torch's to float rounding (bf16: torch's rounding or finer; built for AVX512-BF16, bf16 stores
 flush values below 1.2e-38 to zero), so the switch is off by default, like ``fused=True`` AdamW.
@@ -42,15 +44,16 @@ from typing import ParamSpec, TypeVar
 import torch
 
 __all__ = ["attention", "batch_norm_act", "channel_gate", "cpu_kernels_enabled", "depthwise_weight_grad",
-           "keeps_cpu_kernels_setting", "layer_norm_cast", "layer_norm_residual", "linear", "residual",
-           "use_cpu_kernels"]
+           "keeps_cpu_kernels_setting", "layer_norm_cast", "layer_norm_residual", "linear",
+           "linear_weight_grad", "residual", "use_cpu_kernels"]
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = tuple(_CSRC / f for f in ("attention.cpp", "bn_gelu.cpp", "channel_gate.cpp", "depthwise.cpp",
-                                      "fan_dwconv.cpp", "layer_norm.cpp", "residual.cpp"))
+                                      "fan_dwconv.cpp", "layer_norm.cpp", "linear_grad.cpp",
+                                      "residual.cpp"))
 _HEADERS = (_CSRC / "vec_rows.h", _CSRC / "gelu.h")
 # ATen's vector types pick their instruction set from these defines (as torch's own kernels are built)
 _CAPABILITY_FLAGS = {
@@ -584,32 +587,49 @@ def linear_with_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
+def linear_weight_grad(
+    grad: torch.Tensor, x: torch.Tensor, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A bf16 linear's weight and bias gradients in float32, ``(grad.T @ x, grad.sum(0) if bias else None)``
+    for [R, O] and [R, I] bf16 rows, without autocast's bf16 rounding of them and its conversions (MKL's bf16
+    GEMM with a float output where torch's build has it; see csrc/linear_grad.cpp)."""
+    grad_w, grad_b = torch.ops.stl_cpu.linear_weight_grad(grad.contiguous(), x.contiguous(), bias)
+    return grad_w, grad_b if bias else None
+
+
 class _Linear(torch.autograd.Function):
-    """A bf16 linear with its bias in the matmul's epilogue (see :func:`linear`); saves its inputs."""
+    """A bf16 linear with its bias in the matmul's epilogue (see :func:`linear`). Takes the weight and bias in
+    their own dtype and casts them itself, so their gradients come back as float (:func:`linear_weight_grad`)
+    with nothing to convert; saves the bf16 input and weight."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return linear_with_bias(x, weight, bias)
+        low_weight = weight.to(torch.bfloat16)
+        ctx.save_for_backward(x, low_weight)
+        ctx.dtypes = weight.dtype, bias.dtype if bias is not None else None
+        return linear_with_bias(x, low_weight, bias.to(torch.bfloat16) if bias is not None else None)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])
         grad_x = grad2.mm(weight).view(x.shape) if ctx.needs_input_grad[0] else None
-        grad_w = grad2.t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        grad_b = grad2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = grad_b = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            weight_dtype, bias_dtype = ctx.dtypes
+            grad_w, grad_b = linear_weight_grad(grad2, x.reshape(-1, x.shape[-1]), ctx.needs_input_grad[2])
+            grad_w = grad_w.to(weight_dtype) if ctx.needs_input_grad[1] else None
+            grad_b = grad_b.to(bias_dtype) if grad_b is not None else None
         return grad_x, grad_w, grad_b
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` under bf16 autocast: the inputs cast to bf16 as autocast casts them, the
-    bias added in oneDNN's matmul (see :func:`linear_with_bias`), the gradients as torch's; torch's values to
-    float rounding. Use where :func:`applies_to_linear` holds."""
+    bias added in oneDNN's matmul (see :func:`linear_with_bias`), the input's gradient as torch's; torch's
+    values to float rounding. The weight's and bias's gradients are computed in float and not rounded to bf16
+    (:func:`linear_weight_grad`). Use where :func:`applies_to_linear` holds."""
     with torch.autocast("cpu", enabled=False):
-        low = [t.to(torch.bfloat16) if t is not None else None for t in (x, weight, bias)]
-        return _Linear.apply(*low)
+        return _Linear.apply(x.to(torch.bfloat16), weight, bias)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -468,6 +468,16 @@ class DWConv(nn.Module):
         return _image_to_tokens(x)
 
 
+def _linear_grads(
+    grad: torch.Tensor, x: torch.Tensor, in_float: bool, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear's weight and bias gradients from its output's gradient and its input, [R, O] and [R, I] rows:
+    in float32 by the kernels' op for bf16 ones (``in_float``), else torch's in their dtype."""
+    if in_float:
+        return cpu_kernels.linear_weight_grad(grad, x, bias)
+    return grad.t().mm(x), grad.sum(0) if bias else None
+
+
 class _FanMlpFunction(torch.autograd.Function):
     """FanMlp's fc1 -> depthwise conv -> GELU -> BatchNorm -> depthwise conv (scaled) [+ residual] -> fc2.
 
@@ -485,7 +495,12 @@ class _FanMlpFunction(torch.autograd.Function):
         B, N, _ = x.shape
         hidden = w1.shape[0]
         x2 = x.reshape(B * N, -1)
-        affine = cpu_kernels.linear_with_bias if linear_kernels else lambda a, w, b: torch.addmm(b, a, w.t())
+        ctx.dtypes = [t.dtype for t in (w1, b1, c1w, c1b, c2w, c2b, w2, b2)]  # of their gradients
+        if linear_kernels:  # fc1's and fc2's weights come uncast: their gradients are computed in float
+            w1, b1, w2, b2 = (t.to(torch.bfloat16) for t in (w1, b1, w2, b2))
+            affine = cpu_kernels.linear_with_bias
+        else:
+            affine = lambda a, w, b: torch.addmm(b, a, w.t())  # noqa: E731
         h = affine(x2, w1, b1)
         h_img = h.view(B, H, W, hidden).permute(0, 3, 1, 2)  # channels-last view
         conv = (1, 1), (c1w.shape[-1] // 2,) * 2, (1, 1), False, (0, 0), hidden
@@ -509,8 +524,7 @@ class _FanMlpFunction(torch.autograd.Function):
             saved = (act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out)
         out = affine(s, w2, b2)
         ctx.save_for_backward(x2, w1, h, c1w, c1, c2w, s, w2, *saved)
-        ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels)
-        ctx.dtypes = b1.dtype, c1b.dtype, c2b.dtype  # of the kernels' fp32 gradients
+        ctx.meta = (B, N, H, W, hidden, residual, bn_training, eps, conv, kernels, linear_kernels)
         ctx.consumed = False
         return out.view(B, N, -1)
 
@@ -519,19 +533,15 @@ class _FanMlpFunction(torch.autograd.Function):
     def backward(ctx, grad_out):  # type: ignore[override]
         _consume_saved(ctx, "FAN MLP")
         x2, w1, h, c1w, c1, c2w, s, w2, *saved = ctx.saved_tensors
-        B, N, H, W, hidden, residual, bn_training, eps, conv, kernels = ctx.meta
+        B, N, H, W, hidden, residual, bn_training, eps, conv, kernels, linear_kernels = ctx.meta
         g = grad_out.reshape(B * N, -1)
-        grad_w2 = g.t().mm(s)
-        grad_b2 = g.sum(0)
+        grad_w2, grad_b2 = _linear_grads(g, s, linear_kernels, bias=True)
         grad_s = torch.mm(g, w2, out=s)  # fc2's input is no longer needed
         if kernels:  # dL/dh is written over grad_s
             grads = cpu_kernels.fan_dw_backward_(
                 grad_s.view(B, H, W, hidden), h.view(B, H, W, hidden), tuple(saved), (c1w, c2w), residual
             )
-            grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = grads
-            b1_dtype, c1b_dtype, c2b_dtype = ctx.dtypes
-            grad_c1w, grad_c1b = grad_c1w.to(c1w.dtype), grad_c1b.to(c1b_dtype)
-            grad_c2w, grad_c2b, grad_b1 = grad_c2w.to(c2w.dtype), grad_c2b.to(c2b_dtype), grad_b1.to(b1_dtype)
+            grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, grad_c2w, grad_c2b, grad_b1 = grads  # float32
             grad_h = grad_s
         else:
             act, bn_w, bn_mean, bn_var, save_mean, save_invstd, bn_out = saved
@@ -554,9 +564,13 @@ class _FanMlpFunction(torch.autograd.Function):
             grad_h = grad_h_img.permute(0, 2, 3, 1).reshape(B * N, hidden)
             if residual:
                 grad_h = grad_s.add_(grad_h)
-            grad_b1 = grad_h.sum(0)
-        grad_w1 = grad_h.t().mm(x2)
+        grad_w1, grad_h_sums = _linear_grads(grad_h, x2, linear_kernels, bias=not kernels)
+        grad_b1 = grad_b1 if kernels else grad_h_sums
         grad_x = grad_h.mm(w1).view(B, N, -1) if ctx.needs_input_grad[0] else None
+        grads = grad_w1, grad_b1, grad_c1w, grad_c1b, grad_c2w, grad_c2b, grad_w2, grad_b2
+        grad_w1, grad_b1, grad_c1w, grad_c1b, grad_c2w, grad_c2b, grad_w2, grad_b2 = (
+            grad.to(dtype) for grad, dtype in zip(grads, ctx.dtypes, strict=True)
+        )
         return (grad_x, grad_w1, grad_b1, grad_c1w, grad_c1b, grad_bn_w, grad_bn_b, None, None, grad_c2w,
                 grad_c2b, grad_w2, grad_b2, None)
 
@@ -619,15 +633,16 @@ class FanMlp(nn.Module):
         momentum = cpu_kernels.count_batch(bn) if bn.training else 0.0
         c2w, c2b = _fold_out_scale(dw.conv2.weight, dw.conv2.bias, self.gamma)
         device = x.device.type  # linear and conv inputs as autocast casts them; BN keeps its fp32 params
-        matmul_args = _as_autocast_inputs(
-            device, [x, self.fc1.weight, self.fc1.bias, dw.conv1.weight, dw.conv1.bias]
-        )
-        tail_args = _as_autocast_inputs(device, [c2w, c2b, self.fc2.weight, self.fc2.bias])
+        linear_kernels = cpu_kernels.applies_to_linear(x, self.fc1.weight)  # fc1, fc2: the bias in the matmul
+        fc1, fc2 = [self.fc1.weight, self.fc1.bias], [self.fc2.weight, self.fc2.bias]
+        if not linear_kernels:  # (the function casts them itself)
+            fc1, fc2 = _as_autocast_inputs(device, fc1), _as_autocast_inputs(device, fc2)
+        x, c1w, c1b, c2w, c2b = _as_autocast_inputs(device, [x, dw.conv1.weight, dw.conv1.bias, c2w, c2b])
         meta = (H, W, self.dwconv_residual, bn.training, cpu_kernels.serves_batch_norm(bn), momentum, bn.eps,
-                cpu_kernels.applies_to_linear(x, self.fc1.weight))  # fc1, fc2: the bias in the matmul
+                linear_kernels)
         with torch.autocast(device, enabled=False):
             return _FanMlpFunction.apply(
-                *matmul_args, bn.weight, bn.bias, bn.running_mean, bn.running_var, *tail_args, meta
+                x, *fc1, c1w, c1b, bn.weight, bn.bias, bn.running_mean, bn.running_var, c2w, c2b, *fc2, meta
             )
 
 

@@ -827,19 +827,23 @@ class ClassAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        h, d = self.num_heads, self.head_dim
-        q = self.q(x[:, :1]).view(B, 1, h, d).transpose(1, 2)
-        k = self.k(x).view(B, N, h, d).transpose(1, 2)
-        v = self.v(x).view(B, N, h, d).transpose(1, 2)
+    def forward(
+        self, x: torch.Tensor, kv_inputs: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The new class token of tokens ``x`` [B, N, C]; with ``kv_inputs``, k and v read those ([B, N, C]
+        each: a norm's bf16 copies from the CPU kernels) and ``x`` may be the class tokens alone."""
+        k_input, v_input = kv_inputs if kv_inputs is not None else (x, x)
+        (B, N, C), h, d = k_input.shape, self.num_heads, self.head_dim
+        q = _project(self.q, x[:, :1]).view(B, 1, h, d).transpose(1, 2)
+        k = _project(self.k, k_input).view(B, N, h, d).transpose(1, 2)
+        v = _project(self.v, v_input).view(B, N, h, d).transpose(1, 2)
         dropout_p = self.attn_drop if self.training else 0.0
         if cpu_kernels.cpu_kernels_enabled():  # bf16: two matmuls (SDPA's flash backward for 1 query: ~3 ms)
             x = _attention(q, k, v, dropout_p)
         else:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         x = x.transpose(1, 2).reshape(B, 1, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(_project(self.proj, x))
 
     def attention_map(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention of the cls token over all tokens, [B, heads, N] (for visualisation)."""
@@ -882,8 +886,14 @@ class ClassAttentionBlock(nn.Module):
         self.tokens_norm = tokens_norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_norm = self.norm1(x)
-        x_attn = torch.cat([self.attn(x_norm), x_norm[:, 1:]], dim=1)
+        normed = _norm_for_matmuls(self.norm1, x, copies=2, keep_float=True)  # k and v; the rest
+        if normed is None:
+            x_norm = self.norm1(x)
+            x_attn = self.attn(x_norm)
+        else:
+            x_norm, *kv_inputs = normed
+            x_attn = self.attn(x_norm[:, :1], kv_inputs)
+        x_attn = torch.cat([x_attn, x_norm[:, 1:]], dim=1)
         x = x + self.drop_path(self.gamma1 * x_attn)
         if self.tokens_norm:
             x = self.norm2(x)
@@ -893,10 +903,16 @@ class ClassAttentionBlock(nn.Module):
         return x + self.drop_path(torch.cat([cls_token, x[:, 1:]], dim=1))
 
     def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward(x)[:, :1]``, bit for bit (every op is per row; drop path draws as many numbers), without
-        the patch tokens' work: for the last block when only the class token is read (a ViT-T training step
-        spent ~5 ms of its 2 blocks' ~18 on the patch tokens' norm2, concatenations, adds and backward)."""
-        x_cls = x[:, :1] + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
+        """``forward(x)[:, :1]`` without the patch tokens' work, for the last block when only the class token
+        is read (a ViT-T training step spent ~5 ms of its 2 blocks' ~18 on the patch tokens' norm2,
+        concatenations, adds and backward). Bit for bit with torch's ops (every op is per row; drop path draws
+        as many numbers); with the CPU kernels, to float rounding."""
+        normed = _norm_for_matmuls(self.norm1, x, copies=2, keep_float=False)  # k and v
+        if normed is None:
+            x_attn = self.attn(self.norm1(x))
+        else:  # (q's input: the class tokens' norm, as the kernels' to float rounding)
+            x_attn = self.attn(self.norm1(x[:, :1]), normed)
+        x_cls = x[:, :1] + self.drop_path(self.gamma1 * x_attn)
         x_cls = self.norm2(x_cls)
         return x_cls + self.drop_path(self.gamma2 * self.mlp(x_cls))
 

@@ -1083,12 +1083,16 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     # (bf16 attention where the CPU has AMX tiles for its matmuls)
     assert kernel_calls.count("attention") == len(plain.blocks) * torch.ops.stl_cpu.attention_packs_bf16()
     assert kernel_calls.count("bn") == (4 if isinstance(plain.patch_embed, ConvPatchEmbed) else 0)
-    # both LayerNorms of each block but the first, whose input is bf16 (the positional encoding's output)
-    assert kernel_calls.count("layer_norm") == 2 * len(plain.blocks) - 2
-    # q, kv and the projection of each block's attention, q of its channel gate (where AMX serves bf16)
-    assert kernel_calls.count("linear") == 4 * len(plain.blocks) * cpu_kernels._packs_bf16()
-    # their weight gradients in float, and the MLPs' fc1's and fc2's
-    assert kernel_calls.count("weight_grad") == 6 * len(plain.blocks) * cpu_kernels._packs_bf16()
+    # both LayerNorms of each block but the first, whose input is bf16 (the positional encoding's output); the
+    # class-attention blocks' norm1
+    cls_blocks = len(plain.cls_attn_blocks)
+    assert kernel_calls.count("layer_norm") == 2 * len(plain.blocks) - 2 + cls_blocks
+    # q, kv and the projection of each block's attention, q of its channel gate; q, k, v and the projection of
+    # the class attention (where AMX serves bf16)
+    linears = 4 * len(plain.blocks) + 4 * cls_blocks
+    assert kernel_calls.count("linear") == linears * cpu_kernels._packs_bf16()
+    # their weight gradients in float, and the FAN MLPs' fc1's and fc2's
+    assert kernel_calls.count("weight_grad") == (linears + 2 * len(plain.blocks)) * cpu_kernels._packs_bf16()
     # each block's residual adds; its channel branch's with the LayerNorm, but in the first (bf16 tokens)
     assert kernel_calls.count("residual") == len(plain.blocks) + 1
     assert kernel_calls.count("norm+residual") == len(plain.blocks) - 1

@@ -66,8 +66,11 @@ def _bn(C: int, seed: int = 0) -> torch.nn.BatchNorm2d:
     return _randomised(torch.nn.BatchNorm2d(C), seed)
 
 
-# C = 24 and 48: the stem's widths; 20: a vector and a partial tail; 3 x 5 x 7: rows not a multiple of 4
-@pytest.mark.parametrize("shape", [(4, 24, 16, 16), (2, 48, 8, 8), (2, 20, 5, 3), (3, 5, 5, 7)])
+# C = 24 and 48: the stem's widths (24 read two rows at a time, as three vectors); 24 with an odd number of
+# rows (one at a time); 8 and 56: two rows at a time too; 20: a vector and a partial tail; 3 x 5 x 7: rows
+# not a multiple of 4
+@pytest.mark.parametrize("shape", [(4, 24, 16, 16), (1, 24, 3, 5), (2, 8, 3, 3), (2, 56, 4, 4), (2, 48, 8, 8),
+                                   (2, 20, 5, 3), (3, 5, 5, 7)])
 @pytest.mark.parametrize("gelu", [False, True])
 def test_batch_norm_act_matches_torch(kernels: None, shape: tuple[int, ...], gelu: bool) -> None:
     x = _channels_last(*shape, scale=2.0, offset=3.0).requires_grad_()  # a mean far from zero
@@ -715,9 +718,17 @@ def test_cumulative_momentum_and_a_strided_gradient(kernels: None) -> None:
         torch.testing.assert_close(buf, dict(ref_bn.named_buffers())[name], msg=name)
 
 
-def test_statistics_do_not_depend_on_the_thread_count(kernels: None) -> None:
-    x = _channels_last(8, 24, 20, 20).permute(0, 2, 3, 1).reshape(-1, 24).contiguous()
-    one, two = _on_one_and_two_threads(lambda: torch.ops.stl_cpu.bn_stats(x))
+@pytest.mark.parametrize("C", [24, 37])  # rows read two at a time, and one at a time
+def test_statistics_and_gradients_do_not_depend_on_the_thread_count(kernels: None, C: int) -> None:
+    x = _channels_last(8, C, 20, 20).permute(0, 2, 3, 1).reshape(-1, C).contiguous()
+    grad, w, b = torch.randn_like(x), torch.rand(C) + 0.5, torch.randn(C)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        y, stats = cpu_kernels.bn_train_forward(x, w, b, torch.zeros(C), torch.ones(C), 0.1, 1e-5,
+                                                gelu_output=True)
+        return (y, *stats, *cpu_kernels.bn_train_backward(grad, x, stats, gelu_output=True))
+
+    one, two = _on_one_and_two_threads(run)
     for a, b in zip(one, two, strict=True):
         assert torch.equal(a, b)
 

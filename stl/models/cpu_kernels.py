@@ -599,8 +599,9 @@ def linear_weight_grad(
 
 class _Linear(torch.autograd.Function):
     """A bf16 linear with its bias in the matmul's epilogue (see :func:`linear`). Takes the weight and bias in
-    their own dtype and casts them itself, so their gradients come back as float (:func:`linear_weight_grad`)
-    with nothing to convert; saves the bf16 input and weight."""
+    their own dtype and casts them itself, so that fp32 ones get their gradients computed in float
+    (:func:`linear_weight_grad`) with nothing to convert; saves the bf16 input and weight. Its backward is not
+    differentiable (``create_graph=True`` raises instead of dropping the weight gradient's graph)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):  # type: ignore[override]
@@ -610,6 +611,7 @@ class _Linear(torch.autograd.Function):
         return linear_with_bias(x, low_weight, bias.to(torch.bfloat16) if bias is not None else None)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):  # type: ignore[override]
         x, weight = ctx.saved_tensors
         grad2 = grad.reshape(-1, grad.shape[-1])

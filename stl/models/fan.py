@@ -241,7 +241,7 @@ class FAN(nn.Module):
         *blocks, last = self.cls_attn_blocks
         for blk in blocks:
             x = blk(x)
-        return self.norm(last.forward_cls(x))
+        return self.norm(last(x, cls_only=True))
 
     def forward_head(
         self, x: torch.Tensor, pre_logits: bool = False

@@ -885,7 +885,11 @@ class ClassAttentionBlock(nn.Module):
         self.gamma2 = nn.Parameter(eta * torch.ones(dim))
         self.tokens_norm = tokens_norm
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cls_only: bool = False) -> torch.Tensor:
+        """The block on tokens ``x`` [B, N, C]; ``cls_only``: its class token alone, ``forward(x)[:, :1]``
+        (see :meth:`_forward_cls`)."""
+        if cls_only:
+            return self._forward_cls(x)
         normed = _norm_for_matmuls(self.norm1, x, copies=2, keep_float=True)  # k and v; the rest
         if normed is None:
             x_norm = self.norm1(x)
@@ -902,7 +906,7 @@ class ClassAttentionBlock(nn.Module):
         cls_token = self.gamma2 * self.mlp(x[:, :1])
         return x + self.drop_path(torch.cat([cls_token, x[:, 1:]], dim=1))
 
-    def forward_cls(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_cls(self, x: torch.Tensor) -> torch.Tensor:
         """``forward(x)[:, :1]`` without the patch tokens' work, for the last block when only the class token
         is read (a ViT-T training step spent ~5 ms of its 2 blocks' ~18 on the patch tokens' norm2,
         concatenations, adds and backward). Bit for bit with torch's ops (every op is per row; drop path draws

@@ -647,6 +647,9 @@ def test_linear_weight_grad_in_float(kernels: None, rows: int, outs: int, ins: i
     one, two = _on_one_and_two_threads(lambda: cpu_kernels.linear_weight_grad(grad, x, bias=True)[1])
     assert torch.equal(one, two) and torch.equal(two, grad_b)
     assert cpu_kernels.linear_weight_grad(grad, x, bias=False)[1] is None
+    for outs_, ins_ in ((0, ins), (outs, 0)):  # empty weights: zeros of their shape
+        empty = cpu_kernels.linear_weight_grad(grad[:, :outs_], x[:, :ins_], bias=True)
+        assert empty[0].shape == (outs_, ins_) and empty[1].shape == (outs_,)
     # strided inputs are made contiguous; the op itself refuses them, and other dtypes or row counts
     assert torch.equal(cpu_kernels.linear_weight_grad(grad.t().contiguous().t(), x, bias=True)[1], grad_b)
     grad, x = torch.zeros(4, 5).bfloat16(), torch.zeros(4, 6).bfloat16()
@@ -693,6 +696,11 @@ def test_linear_with_the_bias_in_the_epilogue_matches_torch(kernels: None, bias:
         else:
             assert error <= torch_error * 1.01
     x = x0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # no silent zero through a second backward
+        out = cpu_kernels.linear(x, layer.weight, layer.bias)
+        (grad_w,) = torch.autograd.grad(out.float().square().sum(), layer.weight, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_w.square().sum().backward()
     assert not cpu_kernels.applies_to_linear(x, layer.weight)  # no autocast
     with torch.autocast("cpu", dtype=torch.float16):
         assert not cpu_kernels.applies_to_linear(x, layer.weight)
@@ -1120,6 +1128,27 @@ def test_models_train_under_bf16_autocast_as_accurately_as_torch(name: str, kern
     assert sorted(ratios.values())[len(ratios) // 2] <= 1.05
     for (n, b_f), b_p in zip(fused.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b_f, b_p, rtol=2e-2, atol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_forward_on_the_class_token_alone_matches_the_features_with_kernels(kernels: None,
+                                                                           bf16: bool) -> None:
+    """With the kernels, model(x) (its last class-attention block and norm on the class token alone) gives
+    forward_head(forward_features(x)) and its gradients to float rounding."""
+    torch.manual_seed(0)
+    model = timm.create_model("fan_tiny_12_p16_224", num_classes=5, img_size=32).train()
+    x = torch.randn(4, 3, 32, 32)
+    results = []
+    for forward in (lambda t: model.forward_head(model.forward_features(t)), model):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(x)
+        out.float().square().sum().backward()
+        results.append((out.detach().float(), {n: p.grad for n, p in model.named_parameters()}))
+    (want, grads_want), (got, grads_got) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g in grads_want.items():
+        torch.testing.assert_close(grads_got[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
 
 
 def test_checkpointed_blocks_recompute_with_the_kernel_setting_of_their_forward(kernels: None,

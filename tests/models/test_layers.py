@@ -11,6 +11,7 @@ from timm.layers import Mlp
 
 from stl.models.layers import (
     _POOL,
+    ClassAttentionBlock,
     FanMlp,
     GeluMlp,
     _BufferPool,
@@ -273,3 +274,29 @@ def test_fused_backward_switch_is_per_thread() -> None:
             assert _records_eager_backward(x)
         assert not _records_eager_backward(x)
     assert _records_eager_backward(x)
+
+
+@pytest.mark.parametrize("tokens_norm", [True, False])
+def test_class_attention_block_on_the_class_token_alone_is_bit_for_bit(tokens_norm: bool) -> None:
+    """cls_only=True gives forward(x)[:, :1] and the same gradients exactly, with drop path and dropout
+    drawing the same random numbers (FAN's class-attention blocks have no drop path; this one has)."""
+    torch.manual_seed(0)
+    block = ClassAttentionBlock(32, 2, qkv_bias=True, drop=0.1, attn_drop=0.1, drop_path=0.4,
+                                eta=0.5, tokens_norm=tokens_norm).train()
+    x0 = torch.randn(6, 9, 32)
+    calls: list[torch.Size] = []
+    block.register_forward_hook(lambda module, args, out: calls.append(out.shape))  # the module is called
+
+    def run(cls_only: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(1)
+        block.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        out = block(x, cls_only=True) if cls_only else block(x)[:, :1]
+        (out * torch.arange(out.numel()).view_as(out)).sum().backward()
+        return out, [x.grad, *(p.grad for p in block.parameters())]
+
+    (out_full, grads_full), (out, grads) = run(False), run(True)
+    assert calls == [(6, 9, 32), (6, 1, 32)]
+    assert torch.equal(out, out_full)
+    for a, b in zip(grads, grads_full, strict=True):
+        assert torch.equal(a, b)

@@ -255,6 +255,8 @@ class FAN(nn.Module):
         return self.head(cls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``forward_head(forward_features(x))``. Models without the token head run their last class-attention
+        block and the final norm on the class token alone (hooks on them see [B, 1, C]); same results."""
         if self.return_dense or not len(self.cls_attn_blocks):
             return self.forward_head(self.forward_features(x))
         return self.forward_head(self._forward_cls(x))

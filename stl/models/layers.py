@@ -486,7 +486,9 @@ class _FanMlpFunction(torch.autograd.Function):
     output, and the residual's two grads are summed in place (three hidden-size allocations instead of six; on
     the CPU each fresh one is page-faulted in). With the CPU kernels on (``cpu_kernels``), the depthwise block
     between fc1 and fc2 runs as two fused passes each way (cpu_kernels.fan_dw_forward) and saves its first
-    conv's output and the GELU's. Its graph can be run backward once (see _LinearGeluLinear).
+    conv's output and the GELU's; under bf16 autocast fc1 and fc2 take their weights uncast, add the bias in
+    the matmul and get float weight gradients (cpu_kernels.linear_weight_grad). Its graph can be run backward
+    once (see _LinearGeluLinear).
     """
 
     @staticmethod

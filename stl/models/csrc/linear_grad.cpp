@@ -44,8 +44,8 @@ constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 GemmBf16F32 mkl_gemm() {
   static const GemmBf16F32 gemm = [] {
     Dl_info info;
-    if (dladdr(reinterpret_cast<void*>(&at::native::cpublas::could_pack), &info) == 0 || info.dli_fname == nullptr)
-      return GemmBf16F32{nullptr};
+    const auto in_torch_cpu = reinterpret_cast<void*>(&at::native::cpublas::could_pack);
+    if (dladdr(in_torch_cpu, &info) == 0 || info.dli_fname == nullptr) return GemmBf16F32{nullptr};
     void* torch_cpu = dlopen(info.dli_fname, RTLD_LAZY | RTLD_NOLOAD);  // (loaded: only a reference is taken)
     if (torch_cpu == nullptr) return GemmBf16F32{nullptr};
     const auto found = reinterpret_cast<GemmBf16F32>(dlsym(torch_cpu, "cblas_gemm_bf16bf16f32"));

@@ -93,16 +93,14 @@ def _project(linear: nn.Module, x: torch.Tensor, scale: torch.Tensor | None = No
     """``linear(x)``, times a per-output-channel ``scale`` (a layer scale) folded into its weight and bias
     when given; an ``nn.Linear`` through the CPU kernels' bf16 linear where they serve ``x`` (the bias added
     in the matmul's epilogue)."""
-    kernels = type(linear) is nn.Linear and _records_eager_backward(x, linear.weight)
-    if kernels and cpu_kernels.applies_to_linear(x, linear.weight):
-        weight, bias = linear.weight, linear.bias
-        if scale is not None:
-            weight, bias = _fold_out_scale(weight, bias, scale)
-        return cpu_kernels.linear(x, weight, bias)
-    if scale is None:
+    kernels = (type(linear) is nn.Linear and _records_eager_backward(x, linear.weight)
+               and cpu_kernels.applies_to_linear(x, linear.weight))
+    if scale is None and not kernels:
         return linear(x)
-    weight, bias = _fold_out_scale(linear.weight, linear.bias, scale)
-    return F.linear(x, weight, bias)
+    weight, bias = linear.weight, linear.bias
+    if scale is not None:
+        weight, bias = _fold_out_scale(weight, bias, scale)
+    return cpu_kernels.linear(x, weight, bias) if kernels else F.linear(x, weight, bias)
 
 
 def _tokens_to_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:

@@ -88,20 +88,13 @@ at::Tensor column_sums(const at::Tensor& grad) {
     for (int64_t b = b0; b < b1; ++b) {
       float* out = part.data() + b * O;  // the block's sums, in L1 while its rows stream by
       std::fill_n(out, O, 0.f);
-      for (int64_t r = b * kBlock; r < std::min(R, (b + 1) * kBlock); ++r) {
-        for (int64_t c = 0; c < O; c += kV) {
-          const int64_t n = std::min(kV, O - c);
+      for (int64_t r = b * kBlock; r < std::min(R, (b + 1) * kBlock); ++r)
+        for_channels(O, [&](int64_t c, int64_t n) {
           store(load(out + c, n) + load(pg + r * O + c, n), out + c, n);
-        }
-      }
+        });
     }
   });
-  std::vector<double> sums(O, 0.0);
-  for (int64_t b = 0; b < blocks; ++b)
-    for (int64_t c = 0; c < O; ++c) sums[c] += part[b * O + c];
-  auto out = at::empty({O}, grad.options().dtype(at::kFloat));
-  std::copy(sums.begin(), sums.end(), out.data_ptr<float>());
-  return out;
+  return channel_vector(sum_in_image_order(part, blocks, O));
 }
 
 // (grad_W [O, I], grad_b [O] or an empty tensor) in float32, for grad [R, O] and x [R, I] contiguous bf16.
